@@ -1,0 +1,27 @@
+# Two commands for a fresh machine:
+#   make run   - set everything up and run the main job (W&B offline)
+#   make test  - set everything up and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint bench
+
+$(BIN)/clair: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,flower]"
+	touch $@
+
+setup: $(BIN)/clair
+
+run: setup
+	WANDB_MODE=offline $(BIN)/python -m clair_lightning.recipes.linear_regression --output runs/linear_regression
+
+test: setup
+	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .

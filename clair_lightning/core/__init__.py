@@ -1,0 +1,21 @@
+"""Framework-free CLAIR engine: pure torch, no Lightning, W&B or Flower imports."""
+
+from .aggregators import AGGREGATORS, aggregate, get_aggregator
+from .factors import Refactorized, refactorize, stack_products
+from .result import AggregationResult, RefinedUpdates
+from .updates import ClientUpdate, LoraFactors, UpdateValidationError, validate_updates
+
+__all__ = [
+    "AGGREGATORS",
+    "AggregationResult",
+    "ClientUpdate",
+    "LoraFactors",
+    "Refactorized",
+    "RefinedUpdates",
+    "UpdateValidationError",
+    "aggregate",
+    "get_aggregator",
+    "refactorize",
+    "stack_products",
+    "validate_updates",
+]

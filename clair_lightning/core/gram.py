@@ -1,0 +1,35 @@
+"""Inner products of LoRA products across clients, computed from factors.
+
+``⟨B_i A_i, B_j A_j⟩_F = Σ (B_iᵀ B_j) ⊙ (A_i A_jᵀ)``, so every distance- or cosine-based rule
+(Krum, geometric median, …) runs exactly from a K x K Gram matrix without dense updates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .updates import ValidatedUpdates
+
+
+def product_gram(validated: ValidatedUpdates, clients: list[int] | None = None) -> Tensor:
+    """K' x K' Gram matrix of the clients' products, summed over modules (float64)."""
+    clients = validated.included if clients is None else clients
+    gram = torch.zeros(len(clients), len(clients), dtype=torch.float64, device=validated.device)
+    for name in validated.module_names:
+        factors = [validated.updates[k][name] for k in clients]
+        b_all = torch.cat([b for b, _ in factors], dim=1)
+        a_all = torch.cat([a for _, a in factors], dim=0)
+        ranks = torch.tensor([b.shape[1] for b, _ in factors], device=validated.device)
+        owner = torch.repeat_interleave(torch.arange(len(clients), device=validated.device), ranks)
+        indicator = torch.zeros(len(clients), owner.numel(), dtype=b_all.dtype, device=b_all.device)
+        indicator[owner, torch.arange(owner.numel(), device=b_all.device)] = 1.0
+        elementwise = (b_all.T @ b_all) * (a_all @ a_all.T)
+        gram += (indicator @ elementwise @ indicator.T).to(torch.float64)
+    return gram
+
+
+def squared_distances(gram: Tensor) -> Tensor:
+    """Pairwise squared Frobenius distances from a Gram matrix (clamped at zero)."""
+    diagonal = gram.diagonal()
+    return (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0)

@@ -1,0 +1,218 @@
+"""Client updates as LoRA factors, and the validation every aggregator runs before any linear algebra.
+
+A client's update maps a module name to its LoRA factors ``(B, A)`` with ``ΔW = B @ A``
+(the LoRA scaling ``alpha / r`` already folded into ``B``). Ranks may differ across clients;
+``d_out`` and ``d_in`` of a module may not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+LoraFactors = tuple[Tensor, Tensor]
+ClientUpdate = dict[str, LoraFactors]
+NonFinitePolicy = Literal["raise", "exclude"]
+
+
+class UpdateValidationError(ValueError):
+    """An update that cannot be aggregated: wrong structure, mismatched shapes or non-finite values."""
+
+
+@dataclass(frozen=True)
+class ValidatedUpdates:
+    """Updates that passed validation, in the caller's client order.
+
+    ``included`` lists the clients that take part in aggregation; ``excluded`` maps every other
+    client to the reason it was left out. ``weights`` sums to one over ``included`` and is zero
+    elsewhere. Factors of included clients are cast to ``dtype`` on ``device``.
+    """
+
+    updates: list[ClientUpdate]
+    module_names: tuple[str, ...]
+    shapes: dict[str, tuple[int, int]]
+    weights: Tensor
+    included: list[int]
+    excluded: dict[int, str]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.updates)
+
+    def ranks(self, module: str) -> list[int]:
+        """LoRA rank of each included client for one module."""
+        return [self.updates[k][module][0].shape[1] for k in self.included]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision adapters are aggregated in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def validate_updates(
+    updates: Sequence[Mapping[str, Sequence[Tensor]]],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    nonfinite: NonFinitePolicy = "raise",
+    min_clients: int = 2,
+) -> ValidatedUpdates:
+    """Check structure, shapes, weights and finiteness of every client's update.
+
+    Structural problems always raise ``UpdateValidationError`` naming the client and module.
+    Non-finite factors raise too, unless ``nonfinite="exclude"``: then the client is left out
+    and reported in ``excluded``.
+    """
+    if nonfinite not in ("raise", "exclude"):
+        raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
+    if isinstance(updates, Mapping) or not isinstance(updates, Sequence):
+        raise UpdateValidationError(
+            "updates must be a list with one dict[module name, (B, A)] per client, "
+            f"got {type(updates).__name__}"
+        )
+    if len(updates) == 0:
+        raise UpdateValidationError("updates is empty: no client to aggregate")
+
+    module_names = _module_names(updates)
+    shapes: dict[str, tuple[int, int]] = {}
+    checked: list[ClientUpdate] = []
+    for client, update in enumerate(updates):
+        checked.append(_check_client(client, update, module_names, shapes))
+
+    client_weights = _normalised_weights(weights, len(updates))
+    excluded: dict[int, str] = {}
+    for client, update in enumerate(checked):
+        if client_weights[client] == 0:
+            excluded[client] = "weight is zero"
+            continue
+        problem = _nonfinite_problem(update)
+        if problem is None:
+            continue
+        if nonfinite == "raise":
+            raise UpdateValidationError(f"client {client}: {problem}")
+        excluded[client] = problem
+
+    included = [k for k in range(len(checked)) if k not in excluded]
+    if len(included) < min_clients:
+        raise UpdateValidationError(
+            f"only {len(included)} of {len(checked)} clients can be aggregated "
+            f"(at least {min_clients} needed); excluded: {excluded}"
+        )
+
+    first_b = checked[included[0]][module_names[0]][0]
+    dtype = compute_dtype(first_b.dtype)
+    device = first_b.device
+    cast: list[ClientUpdate] = []
+    for client, update in enumerate(checked):
+        if client in excluded:
+            cast.append(update)
+            continue
+        cast.append(
+            {name: (b.to(device, dtype), a.to(device, dtype)) for name, (b, a) in update.items()}
+        )
+
+    weight_vector = client_weights.clone()
+    for client in excluded:
+        weight_vector[client] = 0.0
+    weight_vector = weight_vector / weight_vector.sum()
+    return ValidatedUpdates(
+        updates=cast,
+        module_names=module_names,
+        shapes=shapes,
+        weights=weight_vector,
+        included=included,
+        excluded=excluded,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _module_names(updates: Sequence[Mapping[str, Sequence[Tensor]]]) -> tuple[str, ...]:
+    first = updates[0]
+    if not isinstance(first, Mapping) or len(first) == 0:
+        raise UpdateValidationError(
+            "client 0: an update must be a non-empty dict[module name, (B, A)]"
+        )
+    names = tuple(sorted(first))
+    for client, update in enumerate(updates):
+        if not isinstance(update, Mapping):
+            raise UpdateValidationError(
+                f"client {client}: an update must be a dict[module name, (B, A)], "
+                f"got {type(update).__name__}"
+            )
+        missing = sorted(set(names) - set(update))
+        extra = sorted(set(update) - set(names))
+        if missing or extra:
+            raise UpdateValidationError(
+                f"client {client}: modules differ from client 0 "
+                f"(missing {missing}, unexpected {extra})"
+            )
+    return names
+
+
+def _check_client(
+    client: int,
+    update: Mapping[str, Sequence[Tensor]],
+    module_names: tuple[str, ...],
+    shapes: dict[str, tuple[int, int]],
+) -> ClientUpdate:
+    checked: ClientUpdate = {}
+    for name in module_names:
+        where = f"client {client}, module {name!r}"
+        factors = update[name]
+        if not isinstance(factors, Sequence) or len(factors) != 2:
+            raise UpdateValidationError(f"{where}: expected a pair (B, A) of tensors")
+        b, a = factors
+        if not isinstance(b, Tensor) or not isinstance(a, Tensor):
+            raise UpdateValidationError(f"{where}: B and A must be torch tensors")
+        if b.ndim != 2 or a.ndim != 2:
+            raise UpdateValidationError(
+                f"{where}: B and A must be matrices, got shapes {tuple(b.shape)} and {tuple(a.shape)}"
+            )
+        if not (b.is_floating_point() and a.is_floating_point()):
+            raise UpdateValidationError(
+                f"{where}: factors must be floating point, got {b.dtype} and {a.dtype}"
+            )
+        if b.shape[1] != a.shape[0] or b.shape[1] == 0:
+            raise UpdateValidationError(
+                f"{where}: B is {tuple(b.shape)} and A is {tuple(a.shape)}; "
+                "B's columns must equal A's rows (the LoRA rank, at least 1)"
+            )
+        shape = (b.shape[0], a.shape[1])
+        expected = shapes.setdefault(name, shape)
+        if shape != expected:
+            raise UpdateValidationError(
+                f"{where}: update is {shape[0]}x{shape[1]} (d_out x d_in) but client 0's is "
+                f"{expected[0]}x{expected[1]}"
+            )
+        checked[name] = (b, a)
+    return checked
+
+
+def _normalised_weights(weights: Sequence[float] | Tensor | None, num_clients: int) -> Tensor:
+    if weights is None:
+        return torch.full((num_clients,), 1.0 / num_clients, dtype=torch.float64)
+    vector = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if vector.numel() != num_clients:
+        raise UpdateValidationError(
+            f"weights has {vector.numel()} entries but there are {num_clients} clients"
+        )
+    if not torch.isfinite(vector).all() or (vector < 0).any():
+        raise UpdateValidationError(f"weights must be finite and non-negative, got {vector.tolist()}")
+    if vector.sum() <= 0:
+        raise UpdateValidationError("weights sum to zero")
+    return vector / vector.sum()
+
+
+def _nonfinite_problem(update: ClientUpdate) -> str | None:
+    for name, (b, a) in update.items():
+        for label, factor in (("B", b), ("A", a)):
+            bad = int((~torch.isfinite(factor)).sum())
+            if bad:
+                return f"module {name!r}: {label} has {bad} non-finite value(s)"
+    return None
