@@ -5,6 +5,7 @@ from .core import (
     AggregationResult,
     UpdateValidationError,
     aggregate,
+    clair_aggregate,
     refactorize,
 )
 
@@ -16,5 +17,6 @@ __all__ = [
     "UpdateValidationError",
     "__version__",
     "aggregate",
+    "clair_aggregate",
     "refactorize",
 ]

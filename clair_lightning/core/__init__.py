@@ -1,6 +1,7 @@
 """Framework-free CLAIR engine: pure torch, no Lightning, W&B or Flower imports."""
 
 from .aggregators import AGGREGATORS, aggregate, get_aggregator
+from .clair import clair_aggregate
 from .factors import Refactorized, refactorize, stack_products
 from .result import AggregationResult, RefinedUpdates
 from .updates import ClientUpdate, LoraFactors, UpdateValidationError, validate_updates
@@ -14,6 +15,7 @@ __all__ = [
     "RefinedUpdates",
     "UpdateValidationError",
     "aggregate",
+    "clair_aggregate",
     "get_aggregator",
     "refactorize",
     "stack_products",

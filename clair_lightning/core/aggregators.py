@@ -6,12 +6,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import baselines
+from .clair import clair_aggregate
 from .result import AggregationResult
 from .updates import ClientUpdate
 
 Aggregator = Callable[..., AggregationResult]
 
 AGGREGATORS: dict[str, Aggregator] = {
+    "clair": clair_aggregate,
     "local": baselines.local,
     "fedavg": baselines.fedavg,
     "oracle": baselines.oracle,

@@ -20,66 +20,132 @@ from .updates import ValidatedUpdates
 class CompressedModule:
     """One module's stacked updates in compressed form, for the clients in ``clients`` order.
 
-    ``stacked[:, blocks[i]]`` is ``T`` of ``clients[i]``; ``row_bases[i]`` is its ``Q``
-    (``d_in x r``) so that ``B A = T Qᵀ``; ``norms[i] = ‖T‖_F = ‖B A‖_F``.
+    ``stacked[:, blocks[i]]`` is ``T = B Rᵀ`` of ``clients[i]`` (``R`` from ``Aᵀ = Q R``), so
+    ``B A = T Qᵀ`` and ``norms[i] = ‖T‖_F = ‖B A‖_F``; ``block_owner[j]`` is the position in
+    ``clients`` of the client owning column ``j``.
     """
 
     name: str
     clients: list[int]
     stacked: Tensor
-    row_bases: list[Tensor]
     blocks: list[slice]
     norms: Tensor
-
-    @property
-    def block_owner(self) -> Tensor:
-        """Index (into ``clients``) of the client owning each column of ``stacked``."""
-        sizes = torch.tensor([s.stop - s.start for s in self.blocks], device=self.stacked.device)
-        return torch.repeat_interleave(torch.arange(len(self.blocks), device=sizes.device), sizes)
+    block_owner: Tensor
 
 
 def compress_module(validated: ValidatedUpdates, name: str, clients: list[int]) -> CompressedModule:
-    """Compress one module's updates for ``clients`` without forming any ``d_out x d_in`` product."""
+    """Compress one module's updates for ``clients`` without forming a ``d_out x d_in`` product.
+
+    ``R_k`` comes from a Cholesky factorisation of the small Gram ``A_k A_kᵀ`` (Cholesky-QR),
+    falling back to a QR of ``A_kᵀ`` when ``A_k`` is rank-deficient or badly conditioned.
+    """
     factors = [validated.updates[k][name] for k in clients]
     ranks = [b.shape[1] for b, _ in factors]
-    if len(set(ranks)) == 1:
-        b_batch = torch.stack([b for b, _ in factors])
-        a_batch = torch.stack([a for _, a in factors])
-        q_batch, r_batch = torch.linalg.qr(a_batch.transpose(1, 2))
-        t_batch = b_batch @ r_batch.transpose(1, 2)
-        stacked = t_batch.transpose(0, 1).reshape(t_batch.shape[1], -1)
-        row_bases = list(q_batch.unbind(0))
-    else:
-        blocks_t, row_bases = [], []
-        for b, a in factors:
-            q, r = torch.linalg.qr(a.T)
-            blocks_t.append(b @ r.T)
-            row_bases.append(q)
-        stacked = torch.cat(blocks_t, dim=1)
+    d_out = factors[0][0].shape[0]
     offsets = [0]
     for rank in ranks:
         offsets.append(offsets[-1] + rank)
     blocks = [slice(offsets[i], offsets[i + 1]) for i in range(len(ranks))]
-    norms = torch.stack([stacked[:, block].norm() for block in blocks])
-    return CompressedModule(name, list(clients), stacked, row_bases, blocks, norms)
+    # Rows of the transposed stacking are contiguous, so each client writes its block in place.
+    stacked_t = torch.empty(offsets[-1], d_out, dtype=validated.dtype, device=validated.device)
+    for (b, a), block in zip(factors, blocks, strict=True):
+        torch.matmul(_row_space_factor(a), b.T, out=stacked_t[block])
+    stacked = stacked_t.T
+    owner = torch.repeat_interleave(
+        torch.arange(len(ranks), device=stacked.device), torch.tensor(ranks, device=stacked.device)
+    )
+    squared = torch.zeros(len(ranks), dtype=torch.float64, device=stacked.device)
+    squared.index_add_(0, owner, stacked_t.square().sum(1).to(torch.float64))
+    norms = squared.sqrt().to(stacked.dtype)
+    return CompressedModule(name, list(clients), stacked, blocks, norms, owner)
 
 
-def gram_square_root(stacked: Tensor) -> Tensor:
-    """A core ``R`` (at most ``Σr x Σr``) with ``RᵀR = MᵀM``: the decomposition's isometric stand-in.
+def _row_space_factor(a: Tensor) -> Tensor:
+    """Upper-triangular ``R`` with ``RᵀR = A Aᵀ`` (so ``Aᵀ = Q R`` for an orthonormal ``Q``)."""
+    factor, info = torch.linalg.cholesky_ex(a @ a.T, upper=True)
+    if int(info) == 0:
+        diagonal = factor.diagonal().abs()
+        if diagonal.min() > diagonal.max() * _condition_floor(a.dtype):
+            return factor
+    return torch.linalg.qr(a.T, mode="r")[1]
 
-    Cholesky of the Gram matrix is the fast path. A rank-deficient or badly conditioned Gram
-    (noiseless updates) falls back to an eigendecomposition that drops the numerical null space,
-    so the core may then have fewer rows than columns.
+
+@dataclass(frozen=True)
+class StackingCore:
+    """A small square stand-in for a stacking whose client blocks are scaled to unit norm.
+
+    ``matrix`` (``R``, at most ``Σr x Σr``) satisfies ``RᵀR = M̂ᵀM̂`` for the normalised stacking
+    ``M̂``, so the decomposition on ``R`` is isometric to the one on ``M̂``: singular values,
+    client-block norms and residuals against a subspace are the same. ``to_ambient`` maps
+    vectors of the core's row space back to ``d_out``.
     """
-    gram = stacked.T @ stacked
+
+    matrix: Tensor
+    nuclear_norm: float
+    spectral_norm: float
+    _normalised: Tensor
+    _cholesky: bool
+    _eigenvectors: Tensor | None = None
+    _roots: Tensor | None = None
+
+    def to_ambient(self, vectors: Tensor) -> Tensor:
+        """``Q @ vectors`` for the orthonormal ``Q`` with ``M̂ = Q R`` (``d_out x k``)."""
+        if self._cholesky:
+            coefficients = torch.linalg.solve_triangular(self.matrix, vectors, upper=True)
+        else:
+            coefficients = self._eigenvectors @ (vectors / self._roots[:, None])
+        return self._normalised @ coefficients
+
+
+def stacking_core(module: CompressedModule) -> StackingCore:
+    """Core of the module's stacking with unit-norm client blocks (one GEMM, Cholesky, eigvalsh).
+
+    Scaling columns commutes with Cholesky (``chol(D⁻¹GD⁻¹) = chol(G)·D⁻¹``), so the Gram of the
+    raw stacking is rescaled instead of copying the stacking. A rank-deficient or badly
+    conditioned Gram (noiseless updates) falls back to an eigendecomposition that drops the
+    numerical null space; the core then has fewer rows than columns.
+    """
+    stacked = module.stacked
+    inverse_norms = 1.0 / module.norms.clamp_min(1e-30)[module.block_owner].to(stacked.dtype)
+    gram = (stacked.T @ stacked) * inverse_norms[:, None] * inverse_norms[None, :]
+    normalised = _LazyScaled(stacked, inverse_norms)
+    floor = _condition_floor(stacked.dtype)
     factor, info = torch.linalg.cholesky_ex(gram, upper=True)
     if int(info) == 0:
         diagonal = factor.diagonal().abs()
-        if diagonal.min() > diagonal.max() * _condition_floor(stacked.dtype):
-            return factor
+        if diagonal.min() > diagonal.max() * floor:
+            roots = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+            return StackingCore(
+                factor.contiguous(),
+                float(roots.sum()),
+                float(roots.max()),
+                normalised,
+                _cholesky=True,
+            )
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    keep = eigenvalues > eigenvalues.max().clamp_min(0) * _condition_floor(stacked.dtype) ** 2
-    return eigenvalues[keep].sqrt()[:, None] * eigenvectors[:, keep].T
+    keep = eigenvalues > eigenvalues.max().clamp_min(0) * floor**2
+    roots = eigenvalues[keep].sqrt()
+    vectors = eigenvectors[:, keep]
+    return StackingCore(
+        (roots[:, None] * vectors.T).contiguous(),
+        float(roots.sum()),
+        float(roots.max()),
+        normalised,
+        _cholesky=False,
+        _eigenvectors=vectors,
+        _roots=roots,
+    )
+
+
+class _LazyScaled:
+    """``stacked @ diag(scale)`` applied on demand, so the scaled copy is never stored."""
+
+    def __init__(self, stacked: Tensor, scale: Tensor):
+        self._stacked = stacked
+        self._scale = scale
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self._stacked @ (self._scale[:, None] * other)
 
 
 def _condition_floor(dtype: torch.dtype) -> float:

@@ -33,3 +33,27 @@ def squared_distances(gram: Tensor) -> Tensor:
     """Pairwise squared Frobenius distances from a Gram matrix (clamped at zero)."""
     diagonal = gram.diagonal()
     return (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0)
+
+
+def geometric_median_coefficients(
+    gram: Tensor, weights: Tensor, iterations: int = 100, smoothing: float = 1e-6
+) -> Tensor:
+    """Coefficients ``c`` with ``Σ c_i x_i`` the weighted geometric median of vectors ``x_i``.
+
+    Smoothed Weiszfeld iterations run on the Gram matrix ``G_ij = ⟨x_i, x_j⟩`` alone, using
+    ``‖Σ c_i x_i − x_j‖² = cᵀGc − 2(Gc)_j + G_jj``; ``smoothing`` is relative to the largest norm.
+    """
+    gram = gram.to(torch.float64)
+    weights = weights.to(torch.float64)
+    coefficients = weights / weights.sum()
+    floor = smoothing * float(gram.diagonal().max().clamp_min(1e-300)) ** 0.5
+    for _ in range(iterations):
+        projected = gram @ coefficients
+        squared = coefficients @ projected - 2 * projected + gram.diagonal()
+        inverse = weights / squared.clamp_min(0).sqrt().clamp_min(floor)
+        updated = inverse / inverse.sum()
+        moved = float((updated - coefficients).abs().sum())
+        coefficients = updated
+        if moved <= 1e-8:
+            break
+    return coefficients

@@ -1,0 +1,386 @@
+"""CLAIR in one call: compress, decompose, detect, re-estimate the subspace, refine.
+
+``clair_aggregate(updates, weights=None, **options)`` is the entry point that the Lightning
+callback, the Flower strategy and outside users call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .compression import CompressedModule, StackingCore, compress_module, stacking_core
+from .decomposition import Decomposition, Formulation, block_outlier_pursuit
+from .detection import direction_distance, robust_z
+from .refinement import ModuleRefinement, consensus, module_refinement, refine
+from .result import AggregationResult, RefinedUpdates
+from .subspace import RankRule, choose_rank, leading_left_singular
+from .updates import ClientUpdate, NonFinitePolicy, ValidatedUpdates, validate_updates
+
+FlaggedPolicy = Literal["own", "consensus"]
+Check = Literal["off_subspace", "direction", "norm"]
+CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm")
+_MAX_DETECTION_ROUNDS = 5
+
+
+def clair_aggregate(
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    lam_factor: float = 1.0,
+    formulation: Formulation = "exact",
+    noise_level: float = 0.05,
+    tolerance: float = 1e-4,
+    max_iterations: int = 500,
+    threshold: float = 3.5,
+    checks: Sequence[Check] = CHECKS,
+    off_subspace_floor: float = 0.02,
+    direction_floor: float = 0.05,
+    norm_floor: float = 0.25,
+    subspace_rank: RankRule = "decomposition",
+    max_subspace_rank: int | None = None,
+    flagged_policy: FlaggedPolicy = "own",
+    nonfinite: NonFinitePolicy = "raise",
+    seed: int = 0,
+) -> AggregationResult:
+    """Detect contaminated clients and refine every benign client's update.
+
+    Args:
+        updates: one ``dict[module, (B, A)]`` per client, ``ΔW = B @ A`` (scaling folded in B).
+        weights: per-client weights such as sample counts (uniform when ``None``).
+        lam_factor: λ as a multiple of the scale-free ``λ₀ = Σ_m ‖M_m‖_* / Σ_k ‖M_k‖_F``.
+        formulation: ``"exact"`` (L + C = M, inexact ALM) or ``"stable"`` (noise-tolerant,
+            ``noise_level`` is the expected relative Frobenius size of the noise).
+        threshold: robust z-score above which a statistic flags a client.
+        checks: statistics that may flag: ``off_subspace`` (share of the update outside the
+            shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
+            in-subspace coefficients), ``norm`` (log of the update norm, two-sided).
+        off_subspace_floor, direction_floor, norm_floor: smallest scale of each robust z-score,
+            so near-identical benign clients are not flagged for tiny deviations.
+        subspace_rank: ``"decomposition"`` (rank of the recovered low-rank part), ``"gap"``,
+            ``"energy"`` or a fixed int; capped by ``max_subspace_rank`` (default
+            ``min(d_out − 1, Σr_S // 2)``).
+        flagged_policy: what flagged clients receive: their ``"own"`` update or the
+            collaborative set's ``"consensus"`` average. Excluded clients get the consensus.
+        nonfinite: ``"raise"`` on non-finite factors, or ``"exclude"`` the client and report it.
+        seed: seeds the randomized SVDs so the same input gives the same flags.
+
+    Returns:
+        ``AggregationResult`` with ``contaminated``, ``scores`` (the largest robust z-score over
+        the enabled checks; ``inf`` for excluded clients), ``subspaces`` (module → orthonormal
+        ``d_out x r_s`` basis from the collaborative set), ``refined`` (exact factors, built on
+        access), ``score_components`` and ``diagnostics``.
+    """
+    _check_options(checks, flagged_policy, threshold)
+    timer = _StepTimer()
+    validated = validate_updates(updates, weights, nonfinite=nonfinite)
+    clients = validated.included
+    generator = torch.Generator(device=validated.device).manual_seed(seed)
+    timer.lap("validate")
+
+    modules = [compress_module(validated, name, clients) for name in validated.module_names]
+    timer.lap("compress")
+    cores = [stacking_core(module) for module in modules]
+    timer.lap("core")
+    decomposition = block_outlier_pursuit(
+        cores,
+        [module.block_owner for module in modules],
+        len(clients),
+        lam_factor=lam_factor,
+        formulation=formulation,
+        noise_level=noise_level,
+        tolerance=tolerance,
+        max_iterations=max_iterations,
+        generator=generator,
+    )
+    timer.lap("decompose")
+
+    everyone = torch.ones(len(clients), dtype=torch.bool, device=validated.device)
+    subspace_estimator = _SubspaceEstimator(
+        validated, modules, cores, decomposition, subspace_rank, max_subspace_rank, generator
+    )
+    decomposition_z = robust_z(decomposition.sparse_fraction, everyone, off_subspace_floor)
+    core_subspaces, residual, off_z, rounds = _settle_off_subspace_flags(
+        subspace_estimator, decomposition_z > threshold, off_subspace_floor, threshold
+    )
+    flags = (off_z > threshold) if "off_subspace" in checks else ~everyone
+    reference = ~flags
+    subspaces = subspace_estimator.to_ambient(core_subspaces)
+    timer.lap("subspace")
+
+    coefficient_gram, log_norm = _within_subspace_statistics(validated, modules, subspaces)
+    client_weights = validated.weights[clients]
+    direction = direction_distance(coefficient_gram, reference, client_weights)
+    direction_z = robust_z(direction, reference, direction_floor)
+    norm_z = robust_z(log_norm, reference, norm_floor)
+    statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
+    scores = torch.stack([statistics[check] for check in checks]).max(dim=0).values
+    flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
+    # A direction outlier must also point against the consensus at least half as strongly as a
+    # typical client points along it: heterogeneity lowers cosines, in-subspace attacks flip them.
+    typical_cosine = float((1.0 - direction[reference]).median())
+    anti_aligned = (1.0 - direction) < -0.5 * max(typical_cosine, 0.0)
+    flags = flags | ("direction" in checks) & (direction_z > threshold) & anti_aligned
+    timer.lap("detect")
+
+    collaborative = ~flags
+    if not bool(collaborative.any()):
+        raise RuntimeError(
+            "CLAIR flagged every client; no collaborative set is left. Raise `threshold` or "
+            f"the score floors. Scores: {scores.tolist()}"
+        )
+    if not torch.equal(collaborative, reference):
+        subspaces = subspace_estimator.to_ambient(subspace_estimator.estimate(collaborative))
+    collaborative_set = [k for k, keep in zip(clients, collaborative.tolist(), strict=True) if keep]
+    pieces = _SharedRefinement(validated, subspaces, collaborative_set)
+    timer.lap("subspace_update")
+
+    contaminated, client_scores = _per_client(validated, flags, scores)
+    components = {
+        "decomposition_sparse_fraction": decomposition.sparse_fraction,
+        "off_subspace_fraction": residual,
+        "off_subspace_z": off_z,
+        "direction_distance": direction,
+        "direction_z": direction_z,
+        "log_relative_norm": log_norm,
+        "norm_z": norm_z,
+    }
+    return AggregationResult(
+        refined=RefinedUpdates(
+            validated.num_clients,
+            _refined_builder(validated, contaminated, pieces, flagged_policy),
+        ),
+        contaminated=contaminated,
+        scores=client_scores,
+        subspaces=subspaces,
+        excluded=validated.excluded,
+        score_components={
+            name: _per_client(validated, flags, values)[1] for name, values in components.items()
+        },
+        diagnostics={
+            "lam": decomposition.lam,
+            "iterations": decomposition.iterations,
+            "detection_rounds": rounds,
+            "converged": decomposition.converged,
+            "low_rank_ranks": dict(
+                zip(validated.module_names, decomposition.low_rank_ranks, strict=True)
+            ),
+            "subspace_ranks": {name: int(u.shape[1]) for name, u in subspaces.items()},
+            "core_sizes": {
+                name: tuple(core.matrix.shape)
+                for name, core in zip(validated.module_names, cores, strict=True)
+            },
+            "collaborative_set": collaborative_set,
+            "threshold": threshold,
+            "formulation": formulation,
+            "seconds": timer.laps,
+        },
+    )
+
+
+def _check_options(checks: Sequence[str], flagged_policy: str, threshold: float) -> None:
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown or not checks:
+        raise ValueError(f"checks must be a non-empty subset of {CHECKS}, got {list(checks)}")
+    if flagged_policy not in ("own", "consensus"):
+        raise ValueError(f"flagged_policy must be 'own' or 'consensus', got {flagged_policy!r}")
+    if threshold <= 0:
+        raise ValueError(f"threshold must be positive, got {threshold}")
+
+
+class _SubspaceEstimator:
+    """Shared subspaces of a chosen set of clients, computed on the small cores.
+
+    The core ``R`` of each module is an isometric stand-in for the normalised stacking, so the
+    top left singular vectors of the weighted member columns of ``R`` and every client's
+    residual against them equal those of the ambient stacking; only the final basis is mapped
+    back to ``d_out``.
+    """
+
+    def __init__(
+        self,
+        validated: ValidatedUpdates,
+        modules: list[CompressedModule],
+        cores: list[StackingCore],
+        decomposition: Decomposition,
+        rule: RankRule,
+        max_rank: int | None,
+        generator: torch.Generator,
+    ):
+        self._modules = modules
+        self._cores = cores
+        self._low_rank_ranks = decomposition.low_rank_ranks
+        self._rule = rule
+        self._max_rank = max_rank
+        self._generator = generator
+        client_weights = validated.weights[modules[0].clients].sqrt()
+        # Column scales that turn the normalised core back into the weighted raw stacking.
+        self._column_scales = [
+            (client_weights * module.norms.to(torch.float64)).to(validated.dtype)[
+                module.block_owner
+            ]
+            for module in modules
+        ]
+
+    def estimate(self, members: Tensor) -> list[Tensor]:
+        """Per module, an orthonormal core-space basis of the members' weighted stacking."""
+        bases = []
+        for module, core, scale, low_rank_rank in zip(
+            self._modules, self._cores, self._column_scales, self._low_rank_ranks, strict=True
+        ):
+            columns = members[module.block_owner]
+            weighted = core.matrix[:, columns] * scale[columns]
+            d_out = module.stacked.shape[0]
+            cap = self._max_rank
+            if cap is None:
+                cap = max(1, min(d_out - 1, weighted.shape[1] // 2))
+            wanted = (
+                cap + 1
+                if self._rule in ("gap", "energy")
+                else min(cap, self._rule if isinstance(self._rule, int) else low_rank_rank) + 1
+            )
+            basis, singular = leading_left_singular(weighted, wanted, self._generator)
+            bases.append(basis[:, : choose_rank(singular, self._rule, cap, low_rank_rank)])
+        return bases
+
+    def residual_fraction(self, core_bases: list[Tensor]) -> Tensor:
+        """``‖(I − UUᵀ) Θ̂_k‖_F / ‖Θ̂_k‖_F`` per client, unit-norm blocks pooled over modules."""
+        device = self._cores[0].matrix.device
+        outside = torch.zeros(len(self._modules[0].clients), dtype=torch.float64, device=device)
+        present = torch.zeros_like(outside)
+        for module, core, basis in zip(self._modules, self._cores, core_bases, strict=True):
+            column_energy = core.matrix.square().sum(0) - (basis.T @ core.matrix).square().sum(0)
+            outside.index_add_(0, module.block_owner, column_energy.clamp_min(0).to(torch.float64))
+            present += (module.norms > 0).to(torch.float64)
+        return (outside.clamp_min(0) / present.clamp_min(1)).sqrt()
+
+    def to_ambient(self, core_bases: list[Tensor]) -> dict[str, Tensor]:
+        """Map core-space bases to orthonormal ``d_out x r_s`` bases, per module name."""
+        ambient = {}
+        for module, core, basis in zip(self._modules, self._cores, core_bases, strict=True):
+            # One re-orthonormalisation absorbs the rounding of the triangular solve.
+            ambient[module.name] = torch.linalg.qr(core.to_ambient(basis))[0]
+        return ambient
+
+
+def _settle_off_subspace_flags(
+    estimator: _SubspaceEstimator, flags: Tensor, floor: float, threshold: float
+) -> tuple[list[Tensor], Tensor, Tensor, int]:
+    """Re-measure every client against the subspace of the clean-so-far set until flags settle.
+
+    The decomposition can put a benign client that dominates one shared direction into ``C``
+    (the incoherence limit of outlier pursuit). Such a client lies inside the subspace recovered
+    from the others, so its residual is small and it is re-admitted; a client with a genuine
+    off-subspace component keeps a large residual.
+    """
+    rounds = 0
+    while True:
+        rounds += 1
+        reference = ~flags
+        bases = estimator.estimate(reference)
+        residual = estimator.residual_fraction(bases)
+        off_z = robust_z(residual, reference, floor)
+        settled = off_z > threshold
+        if torch.equal(settled, flags) or rounds == _MAX_DETECTION_ROUNDS:
+            return bases, residual, off_z, rounds
+        flags = settled
+
+
+def _within_subspace_statistics(
+    validated: ValidatedUpdates, modules: list[CompressedModule], subspaces: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Gram matrix of the clients' in-subspace coefficients ``Uᵀ B_k A_k``, and log norms.
+
+    Each module is scaled by its median client norm so every module weighs alike; the log norm
+    is that of the pooled relative norm, ``½ log mean_m (‖Θ_{k,m}‖ / median_j ‖Θ_{j,m}‖)²``.
+    """
+    clients = modules[0].clients
+    gram = torch.zeros(len(clients), len(clients), dtype=torch.float64, device=validated.device)
+    relative_squares = torch.zeros(len(clients), dtype=torch.float64, device=validated.device)
+    for module in modules:
+        subspace = subspaces[module.name]
+        scale = module.norms.median().clamp_min(1e-30)
+        coefficients = torch.stack(
+            [
+                ((subspace.T @ validated.updates[k][module.name][0]) / scale)
+                @ validated.updates[k][module.name][1]
+                for k in clients
+            ]
+        ).flatten(1)
+        gram += (coefficients @ coefficients.T).to(torch.float64)
+        relative_squares += (module.norms / scale).to(torch.float64).square()
+    log_norm = 0.5 * torch.log((relative_squares / len(modules)).clamp_min(1e-300))
+    return gram, log_norm
+
+
+def _per_client(
+    validated: ValidatedUpdates, flags: Tensor, values: Tensor
+) -> tuple[list[bool], list[float]]:
+    """Spread included-client tensors back to all K clients; excluded ones are flagged, inf."""
+    contaminated = [True] * validated.num_clients
+    per_client = [float("inf")] * validated.num_clients
+    for position, client in enumerate(validated.included):
+        contaminated[client] = bool(flags[position])
+        per_client[client] = float(values[position])
+    return contaminated, per_client
+
+
+class _SharedRefinement:
+    """Refinement pieces every client shares, built on the first read of a refined update."""
+
+    def __init__(
+        self,
+        validated: ValidatedUpdates,
+        subspaces: dict[str, Tensor],
+        collaborative_set: list[int],
+    ):
+        self._validated = validated
+        self._subspaces = subspaces
+        self._collaborative_set = collaborative_set
+        self._pieces: dict[str, ModuleRefinement] | None = None
+
+    @property
+    def pieces(self) -> dict[str, ModuleRefinement]:
+        if self._pieces is None:
+            self._pieces = {
+                name: module_refinement(
+                    self._validated, name, self._subspaces[name], self._collaborative_set
+                )
+                for name in self._validated.module_names
+            }
+        return self._pieces
+
+
+def _refined_builder(
+    validated: ValidatedUpdates,
+    contaminated: list[bool],
+    shared: _SharedRefinement,
+    flagged_policy: FlaggedPolicy,
+):
+    def build(client: int) -> ClientUpdate:
+        if client in validated.excluded:
+            return consensus(shared.pieces)
+        if contaminated[client]:
+            if flagged_policy == "consensus":
+                return consensus(shared.pieces)
+            return validated.updates[client]
+        return refine(validated.updates[client], shared.pieces)
+
+    return build
+
+
+class _StepTimer:
+    """Wall-clock seconds per CLAIR step, reported in the diagnostics."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[step] = now - self._last
+        self._last = now

@@ -1,0 +1,291 @@
+"""Low-rank plus block-sparse decomposition of compressed client stackings (CLAIR step 2).
+
+Solves, jointly over modules ``m`` and with one group per client spanning all its modules,
+
+    min Σ_m ‖L_m‖_* + λ Σ_k (Σ_m ‖C_{m,k}‖_F²)^½   subject to  L_m + C_m = M_m       ("exact")
+    min Σ_m ‖L_m‖_* + λ Σ_k (Σ_m ‖C_{m,k}‖_F²)^½ + (1/2ν) Σ_m ‖M_m − L_m − C_m‖_F²  ("stable")
+
+on the small square cores of the compressed stackings. The exact problem is solved by an
+inexact augmented Lagrangian method (Lin, Chen & Ma 2010) with block soft-thresholding, the
+stable one by accelerated proximal gradient (FISTA). Pooling the group across modules lets a
+client's evidence from every layer count towards one decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .compression import StackingCore
+
+Formulation = Literal["exact", "stable"]
+
+# Cores up to this size use a full SVD per iteration; larger ones a warm-started randomized one.
+_FULL_SVD_MAX_SIZE = 256
+_OVERSAMPLING = 10
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Solution of the decomposition on the cores.
+
+    ``sparse_fraction[k]`` is ``‖C_k‖_F / ‖M_k‖_F`` pooled over modules: the share of client
+    ``k``'s update that the low-rank part cannot explain.
+    """
+
+    low_rank: list[Tensor]
+    sparse: list[Tensor]
+    sparse_fraction: Tensor
+    low_rank_ranks: list[int]
+    lam: float
+    iterations: int
+    converged: bool
+
+
+def block_outlier_pursuit(
+    cores: list[StackingCore],
+    owners: list[Tensor],
+    num_clients: int,
+    *,
+    lam_factor: float = 1.0,
+    formulation: Formulation = "exact",
+    noise_level: float = 0.05,
+    tolerance: float = 1e-4,
+    max_iterations: int = 500,
+    penalty_growth: float = 1.5,
+    generator: torch.Generator | None = None,
+) -> Decomposition:
+    """Split each core ``M_m`` into a low-rank ``L_m`` and a client-block-sparse ``C_m``.
+
+    ``owners[m][j]`` is the client (0..num_clients-1) owning column ``j`` of ``cores[m]``.
+    λ is scale-free: ``lam_factor · Σ_m ‖M_m‖_* / Σ_k ‖M_k‖_F``, the value at which putting all
+    data in ``L`` or all in ``C`` costs the same. ``noise_level`` (stable formulation only) is
+    the expected relative Frobenius size of the noise, which sets ν.
+    """
+    if not cores:
+        raise ValueError("block_outlier_pursuit needs at least one module")
+    spectral = max(core.spectral_norm for core in cores)
+    nuclear = sum(core.nuclear_norm for core in cores)
+    matrices = [core.matrix for core in cores]
+    if lam_factor <= 0:
+        raise ValueError(f"lam_factor must be positive, got {lam_factor}")
+    if formulation not in ("exact", "stable"):
+        raise ValueError(f"formulation must be 'exact' or 'stable', got {formulation!r}")
+    block_norms = _pooled_block_norms(matrices, owners, num_clients)
+    lam = lam_factor * nuclear / float(block_norms.sum())
+    solver = _SvtState(len(cores), generator)
+    if formulation == "exact":
+        low_rank, sparse, iterations, converged = _inexact_alm(
+            matrices,
+            owners,
+            num_clients,
+            lam,
+            spectral,
+            tolerance,
+            max_iterations,
+            penalty_growth,
+            solver,
+        )
+    else:
+        if noise_level <= 0:
+            raise ValueError(f"noise_level must be positive, got {noise_level}")
+        low_rank, sparse, iterations, converged = _fista(
+            matrices, owners, num_clients, lam, noise_level, tolerance, max_iterations, solver
+        )
+    sparse_norms = _pooled_block_norms(sparse, owners, num_clients)
+    fraction = torch.where(block_norms > 0, sparse_norms / block_norms.clamp_min(1e-30), 0.0)
+    return Decomposition(
+        low_rank=low_rank,
+        sparse=sparse,
+        sparse_fraction=fraction,
+        low_rank_ranks=list(solver.ranks),
+        lam=lam,
+        iterations=iterations,
+        converged=converged,
+    )
+
+
+def _inexact_alm(
+    cores: list[Tensor],
+    owners: list[Tensor],
+    num_clients: int,
+    lam: float,
+    spectral: float,
+    tolerance: float,
+    max_iterations: int,
+    penalty_growth: float,
+    solver: _SvtState,
+) -> tuple[list[Tensor], list[Tensor], int, bool]:
+    dual_scale = max(spectral, float(_pooled_block_norms(cores, owners, num_clients).max()) / lam)
+    duals = [core / dual_scale for core in cores]
+    penalty = 1.25 / spectral
+    max_penalty = penalty * 1e7
+    data_norm = _total_norm(cores)
+    sparse = [torch.zeros_like(core) for core in cores]
+    low_rank = sparse
+    for iteration in range(1, max_iterations + 1):
+        low_rank = [
+            solver.threshold(m, torch.add(core, y, alpha=1.0 / penalty).sub_(c), 1.0 / penalty)
+            for m, (core, c, y) in enumerate(zip(cores, sparse, duals, strict=True))
+        ]
+        sparse = _block_shrink(
+            [
+                torch.add(core, y, alpha=1.0 / penalty).sub_(low)
+                for core, low, y in zip(cores, low_rank, duals, strict=True)
+            ],
+            owners,
+            num_clients,
+            lam / penalty,
+        )
+        residuals = [
+            torch.sub(core, low).sub_(c)
+            for core, low, c in zip(cores, low_rank, sparse, strict=True)
+        ]
+        for y, residual in zip(duals, residuals, strict=True):
+            y.add_(residual, alpha=penalty)
+        penalty = min(penalty * penalty_growth, max_penalty)
+        if _total_norm(residuals) <= tolerance * data_norm:
+            return low_rank, sparse, iteration, True
+    return low_rank, sparse, max_iterations, False
+
+
+def _fista(
+    cores: list[Tensor],
+    owners: list[Tensor],
+    num_clients: int,
+    lam: float,
+    noise_level: float,
+    tolerance: float,
+    max_iterations: int,
+    solver: _SvtState,
+) -> tuple[list[Tensor], list[Tensor], int, bool]:
+    nu = noise_level * _noise_spectral_ratio(cores) * _total_norm(cores)
+    step = nu / 2.0
+    low_rank = [torch.zeros_like(core) for core in cores]
+    sparse = [torch.zeros_like(core) for core in cores]
+    low_momentum, sparse_momentum = low_rank, sparse
+    momentum = 1.0
+    for iteration in range(1, max_iterations + 1):
+        half_residuals = [
+            (core - low - c) / 2.0
+            for core, low, c in zip(cores, low_momentum, sparse_momentum, strict=True)
+        ]
+        new_low = [
+            solver.threshold(m, low + r, step)
+            for m, (low, r) in enumerate(zip(low_momentum, half_residuals, strict=True))
+        ]
+        new_sparse = _block_shrink(
+            [c + r for c, r in zip(sparse_momentum, half_residuals, strict=True)],
+            owners,
+            num_clients,
+            lam * step,
+        )
+        change = _total_norm(
+            [a - b for a, b in zip(new_low + new_sparse, low_rank + sparse, strict=True)]
+        )
+        scale = max(_total_norm(new_low + new_sparse), 1e-30)
+        next_momentum = (1.0 + (1.0 + 4.0 * momentum**2) ** 0.5) / 2.0
+        weight = (momentum - 1.0) / next_momentum
+        low_momentum = [n + weight * (n - o) for n, o in zip(new_low, low_rank, strict=True)]
+        sparse_momentum = [n + weight * (n - o) for n, o in zip(new_sparse, sparse, strict=True)]
+        low_rank, sparse, momentum = new_low, new_sparse, next_momentum
+        if change <= tolerance * scale:
+            return low_rank, sparse, iteration, True
+    return low_rank, sparse, max_iterations, False
+
+
+class _SvtState:
+    """Singular-value thresholding per module, warm-started across iterations.
+
+    Small cores get a full SVD. Large ones get a randomized SVD whose sketch starts from the
+    previous iteration's right singular vectors and whose width follows the predicted rank
+    (PROPACK-style), widening until the smallest computed value falls below the threshold.
+    """
+
+    def __init__(self, num_modules: int, generator: torch.Generator | None):
+        self.ranks = [0] * num_modules
+        self._bases: list[Tensor | None] = [None] * num_modules
+        self._generator = generator
+
+    def threshold(self, module: int, matrix: Tensor, tau: float) -> Tensor:
+        if min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        else:
+            u, s, vh = self._partial_svd(module, matrix, tau)
+        kept = int((s > tau).sum())
+        self.ranks[module] = kept
+        if kept == 0:
+            return torch.zeros_like(matrix)
+        return (u[:, :kept] * (s[:kept] - tau)) @ vh[:kept]
+
+    def _partial_svd(
+        self, module: int, matrix: Tensor, tau: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        width = min(self.ranks[module] + 1 + _OVERSAMPLING, min(matrix.shape))
+        while True:
+            u, s, vh = self._randomized_svd(module, matrix, width)
+            if s[-1] <= tau or width == min(matrix.shape):
+                self._bases[module] = vh.T
+                return u, s, vh
+            width = min(2 * width, min(matrix.shape))
+
+    def _randomized_svd(
+        self, module: int, matrix: Tensor, width: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        sketch = torch.randn(
+            matrix.shape[1],
+            width,
+            dtype=matrix.dtype,
+            device=matrix.device,
+            generator=self._generator,
+        )
+        previous = self._bases[module]
+        if previous is None:
+            range_basis, _ = torch.linalg.qr(matrix @ sketch)
+            range_basis, _ = torch.linalg.qr(matrix @ (matrix.T @ range_basis))
+        else:
+            # The previous iterate's right singular vectors already span most of the range.
+            reuse = min(previous.shape[1], width)
+            sketch[:, :reuse] = previous[:, :reuse]
+            range_basis, _ = torch.linalg.qr(matrix @ sketch)
+        projected = range_basis.T @ matrix
+        # SVD of the thin projection through its small Gram matrix (width x width).
+        eigenvalues, eigenvectors = torch.linalg.eigh(projected @ projected.T)
+        order = eigenvalues.argsort(descending=True)
+        singular = eigenvalues[order].clamp_min(0).sqrt()
+        u_small = eigenvectors[:, order]
+        vh = (u_small.T @ projected) / singular.clamp_min(singular[0] * 1e-12)[:, None]
+        return range_basis @ u_small, singular, vh
+
+
+def _block_shrink(
+    targets: list[Tensor], owners: list[Tensor], num_clients: int, tau: float
+) -> list[Tensor]:
+    """Group soft-thresholding, in place: scale each client's pooled block by max(0, 1 − τ/‖·‖)."""
+    norms = _pooled_block_norms(targets, owners, num_clients)
+    factors = torch.where(norms > tau, 1.0 - tau / norms.clamp_min(1e-30), 0.0)
+    for target, owner in zip(targets, owners, strict=True):
+        target.mul_(factors.to(target.dtype)[owner])
+    return targets
+
+
+def _pooled_block_norms(matrices: list[Tensor], owners: list[Tensor], num_clients: int) -> Tensor:
+    """‖X_k‖_F per client, pooled over modules (float64)."""
+    squared = torch.zeros(num_clients, dtype=torch.float64, device=matrices[0].device)
+    for matrix, owner in zip(matrices, owners, strict=True):
+        squared.index_add_(0, owner, matrix.square().sum(0).to(torch.float64))
+    return squared.sqrt()
+
+
+def _total_norm(matrices: list[Tensor]) -> float:
+    return float(sum(float(torch.linalg.vector_norm(m)) ** 2 for m in matrices) ** 0.5)
+
+
+def _noise_spectral_ratio(cores: list[Tensor]) -> float:
+    """Typical ‖E‖₂ / ‖E‖_F for i.i.d. noise on matrices of the cores' shapes: (√m + √n)/√(mn)."""
+    rows = max(core.shape[0] for core in cores)
+    cols = max(core.shape[1] for core in cores)
+    return (rows**0.5 + cols**0.5) / (rows * cols) ** 0.5

@@ -1,0 +1,70 @@
+"""Shared-subspace estimation from the collaborative set, with the rank chosen from the spectrum."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+RankRule = Literal["decomposition", "gap", "energy"] | int
+
+_FULL_SVD_MAX_COLUMNS = 256
+_OVERSAMPLING = 10
+_ENERGY_FRACTION = 0.9
+
+
+def leading_left_singular(
+    stacked: Tensor, count: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Top ``count`` left singular vectors and values of ``stacked`` (``d_out x n``).
+
+    Narrow stackings take a thin SVD; wide ones a randomized SVD with two power iterations,
+    which is exact for exactly low-rank data and accurate to the spectral gap otherwise.
+    """
+    count = min(count, *stacked.shape)
+    if stacked.shape[1] <= _FULL_SVD_MAX_COLUMNS:
+        u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+        return u[:, :count], s[:count]
+    width = min(count + _OVERSAMPLING, *stacked.shape)
+    sketch = torch.randn(
+        stacked.shape[1], width, dtype=stacked.dtype, device=stacked.device, generator=generator
+    )
+    basis, _ = torch.linalg.qr(stacked @ sketch)
+    for _ in range(2):
+        basis, _ = torch.linalg.qr(stacked @ (stacked.T @ basis))
+    u_small, s, _ = torch.linalg.svd(basis.T @ stacked, full_matrices=False)
+    return (basis @ u_small)[:, :count], s[:count]
+
+
+def choose_rank(singular_values: Tensor, rule: RankRule, cap: int, decomposition_rank: int) -> int:
+    """Subspace dimension from the collaborative set's spectrum, between 1 and ``cap``.
+
+    ``"decomposition"`` keeps the rank of the recovered low-rank part; ``"gap"`` the largest
+    ratio between consecutive singular values; ``"energy"`` the smallest rank holding 90% of the
+    squared spectrum; an integer is used as given.
+    """
+    numerical = (
+        int((singular_values > singular_values[0] * 1e-6).sum()) if len(singular_values) else 0
+    )
+    upper = max(1, min(cap, numerical))
+    if isinstance(rule, int) and not isinstance(rule, bool):
+        if rule < 1:
+            raise ValueError(f"subspace_rank must be at least 1, got {rule}")
+        return min(rule, upper)
+    if rule == "decomposition":
+        return min(max(decomposition_rank, 1), upper)
+    if rule == "gap":
+        values = singular_values[: upper + 1]
+        if len(values) <= 1:
+            return upper
+        floor = values[0] * 1e-12
+        ratios = values[:-1] / values[1:].clamp_min(floor)
+        return int(ratios[:upper].argmax()) + 1
+    if rule == "energy":
+        energy = singular_values.square().cumsum(0)
+        reached = int((energy < _ENERGY_FRACTION * energy[-1]).sum()) + 1
+        return min(reached, upper)
+    raise ValueError(
+        f"subspace_rank must be 'decomposition', 'gap', 'energy' or a positive int, got {rule!r}"
+    )
