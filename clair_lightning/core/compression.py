@@ -20,7 +20,8 @@ from .updates import ValidatedUpdates
 class CompressedModule:
     """One module's stacked updates in compressed form, for the clients in ``clients`` order.
 
-    ``stacked[:, blocks[i]]`` is ``T = B Rᵀ`` of ``clients[i]`` (``R`` from ``Aᵀ = Q R``), so
+    ``stacked[:, blocks[i]]`` is ``T = B Rᵀ`` of ``clients[i]`` (``R`` from ``Aᵀ = Q R``, so a
+    block is ``min(r, d_in)`` wide), so
     ``B A = T Qᵀ`` and ``norms[i] = ‖T‖_F = ‖B A‖_F``; ``block_owner[j]`` is the position in
     ``clients`` of the client owning column ``j``.
     """
@@ -40,28 +41,33 @@ def compress_module(validated: ValidatedUpdates, name: str, clients: list[int]) 
     falling back to a QR of ``A_kᵀ`` when ``A_k`` is rank-deficient or badly conditioned.
     """
     factors = [validated.updates[k][name] for k in clients]
-    ranks = [b.shape[1] for b, _ in factors]
+    row_factors = [_row_space_factor(a) for _, a in factors]
+    # A client's block is min(rank, d_in) wide: R has that many rows.
+    widths = [r.shape[0] for r in row_factors]
     d_out = factors[0][0].shape[0]
     offsets = [0]
-    for rank in ranks:
-        offsets.append(offsets[-1] + rank)
-    blocks = [slice(offsets[i], offsets[i + 1]) for i in range(len(ranks))]
+    for width in widths:
+        offsets.append(offsets[-1] + width)
+    blocks = [slice(offsets[i], offsets[i + 1]) for i in range(len(widths))]
     # Rows of the transposed stacking are contiguous, so each client writes its block in place.
     stacked_t = torch.empty(offsets[-1], d_out, dtype=validated.dtype, device=validated.device)
-    for (b, a), block in zip(factors, blocks, strict=True):
-        torch.matmul(_row_space_factor(a), b.T, out=stacked_t[block])
+    for (b, _), r, block in zip(factors, row_factors, blocks, strict=True):
+        torch.matmul(r, b.T, out=stacked_t[block])
     stacked = stacked_t.T
     owner = torch.repeat_interleave(
-        torch.arange(len(ranks), device=stacked.device), torch.tensor(ranks, device=stacked.device)
+        torch.arange(len(widths), device=stacked.device),
+        torch.tensor(widths, device=stacked.device),
     )
-    squared = torch.zeros(len(ranks), dtype=torch.float64, device=stacked.device)
+    squared = torch.zeros(len(widths), dtype=torch.float64, device=stacked.device)
     squared.index_add_(0, owner, stacked_t.square().sum(1).to(torch.float64))
     norms = squared.sqrt().to(stacked.dtype)
     return CompressedModule(name, list(clients), stacked, blocks, norms, owner)
 
 
 def _row_space_factor(a: Tensor) -> Tensor:
-    """Upper-triangular ``R`` with ``RᵀR = A Aᵀ`` (so ``Aᵀ = Q R`` for an orthonormal ``Q``)."""
+    """``R`` with ``RᵀR = A Aᵀ`` from a thin QR ``Aᵀ = Q R`` (``min(r, d_in) x r``)."""
+    if a.shape[0] > a.shape[1]:
+        return torch.linalg.qr(a.T, mode="r")[1]
     factor, info = torch.linalg.cholesky_ex(a @ a.T, upper=True)
     if int(info) == 0:
         diagonal = factor.diagonal().abs()
@@ -83,10 +89,25 @@ class StackingCore:
     matrix: Tensor
     nuclear_norm: float
     spectral_norm: float
-    _normalised: Tensor
+    _normalised: Tensor | _LazyScaled
     _cholesky: bool
     _eigenvectors: Tensor | None = None
     _roots: Tensor | None = None
+
+    @classmethod
+    def from_matrix(cls, matrix: Tensor) -> StackingCore:
+        """Use a matrix as its own core (e.g. an uncompressed dense stacking), norms by SVD."""
+        singular = torch.linalg.svdvals(matrix)
+        identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        return cls(
+            matrix,
+            float(singular.sum()),
+            float(singular.max()),
+            identity,
+            _cholesky=False,
+            _eigenvectors=identity,
+            _roots=torch.ones(matrix.shape[0], dtype=matrix.dtype, device=matrix.device),
+        )
 
     def to_ambient(self, vectors: Tensor) -> Tensor:
         """``Q @ vectors`` for the orthonormal ``Q`` with ``M̂ = Q R`` (``d_out x k``)."""

@@ -56,6 +56,7 @@ def block_outlier_pursuit(
     tolerance: float = 1e-4,
     max_iterations: int = 500,
     penalty_growth: float = 1.5,
+    svd: Literal["auto", "full"] = "auto",
     generator: torch.Generator | None = None,
 ) -> Decomposition:
     """Split each core ``M_m`` into a low-rank ``L_m`` and a client-block-sparse ``C_m``.
@@ -63,7 +64,8 @@ def block_outlier_pursuit(
     ``owners[m][j]`` is the client (0..num_clients-1) owning column ``j`` of ``cores[m]``.
     λ is scale-free: ``lam_factor · Σ_m ‖M_m‖_* / Σ_k ‖M_k‖_F``, the value at which putting all
     data in ``L`` or all in ``C`` costs the same. ``noise_level`` (stable formulation only) is
-    the expected relative Frobenius size of the noise, which sets ν.
+    the expected relative Frobenius size of the noise, which sets ν. ``svd="full"`` forces a
+    full SVD in every thresholding step (the textbook solver, for comparisons).
     """
     if not cores:
         raise ValueError("block_outlier_pursuit needs at least one module")
@@ -76,7 +78,9 @@ def block_outlier_pursuit(
         raise ValueError(f"formulation must be 'exact' or 'stable', got {formulation!r}")
     block_norms = _pooled_block_norms(matrices, owners, num_clients)
     lam = lam_factor * nuclear / float(block_norms.sum())
-    solver = _SvtState(len(cores), generator)
+    if svd not in ("auto", "full"):
+        raise ValueError(f"svd must be 'auto' or 'full', got {svd!r}")
+    solver = _SvtState(len(cores), generator, full=svd == "full")
     if formulation == "exact":
         low_rank, sparse, iterations, converged = _inexact_alm(
             matrices,
@@ -205,13 +209,14 @@ class _SvtState:
     (PROPACK-style), widening until the smallest computed value falls below the threshold.
     """
 
-    def __init__(self, num_modules: int, generator: torch.Generator | None):
+    def __init__(self, num_modules: int, generator: torch.Generator | None, full: bool = False):
         self.ranks = [0] * num_modules
+        self._full = full
         self._bases: list[Tensor | None] = [None] * num_modules
         self._generator = generator
 
     def threshold(self, module: int, matrix: Tensor, tau: float) -> Tensor:
-        if min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
+        if self._full or min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         else:
             u, s, vh = self._partial_svd(module, matrix, tau)

@@ -1,0 +1,237 @@
+"""CLAIR end to end on small synthetic federations: recovery, detection, refinement, errors."""
+
+import math
+
+import pytest
+import torch
+
+from clair_lightning import AggregationResult, UpdateValidationError, clair_aggregate
+from clair_lightning.core.synthetic import synthetic_federation
+
+
+def _subspace_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
+    """Spectral norm of the difference of the orthogonal projectors."""
+    return float(torch.linalg.matrix_norm(estimate @ estimate.T - truth @ truth.T, ord=2))
+
+
+def _off_subspace_attack(federation, clients, generator):
+    """Replace ``clients`` by random updates of benign norm: they leave the shared subspace."""
+    updates = [dict(u) for u in federation.updates]
+    for k in clients:
+        for name, (b, a) in updates[k].items():
+            random_b = torch.randn(b.shape, generator=generator, dtype=b.dtype)
+            updates[k][name] = (random_b * (b.norm() / random_b.norm()), a)
+    return updates
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_modules", [1, 3])
+def test_noiseless_off_subspace_contamination_is_recovered_exactly(seed, num_modules):
+    generator = torch.Generator().manual_seed(seed)
+    federation = synthetic_federation(
+        20, rank=[4, 5, 3, 4] * 5, num_modules=num_modules, generator=generator
+    )
+    contaminated = list(range(6))  # 30%
+    updates = _off_subspace_attack(federation, contaminated, generator)
+
+    result = clair_aggregate(updates)
+
+    assert result.contaminated == [k in contaminated for k in range(20)]
+    for name, truth in federation.subspaces.items():
+        assert result.subspaces[name].shape == truth.shape
+        assert _subspace_error(result.subspaces[name], truth) < 1e-4
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "scaling", "inner_product"])
+def test_in_subspace_attackers_are_flagged(attack):
+    generator = torch.Generator().manual_seed(7)
+    federation = synthetic_federation(20, heterogeneity=0.5, noise=0.05, generator=generator)
+    updates = [dict(u) for u in federation.updates]
+    attackers = [0, 1, 2, 3, 4, 5]
+    benign_mean = {
+        name: sum(u[name][0] @ u[name][1] for u in updates[6:]) / 14 for name in updates[0]
+    }
+    for k in attackers:
+        for name, (b, a) in updates[k].items():
+            if attack == "sign_flip":
+                updates[k][name] = (-b, a)
+            elif attack == "scaling":
+                updates[k][name] = (10 * b, a)
+            else:  # −ε · benign mean, refactorised exactly (rank d_in)
+                eye = torch.eye(a.shape[1], dtype=a.dtype)
+                updates[k][name] = (-0.5 * benign_mean[name], eye)
+
+    result = clair_aggregate(updates)
+
+    assert result.contaminated == [k in attackers for k in range(20)]
+    benign_scores = [result.scores[k] for k in range(6, 20)]
+    assert min(result.scores[k] for k in attackers) > max(benign_scores)
+
+
+@pytest.mark.parametrize("num_clients", [10, 20, 40])
+def test_no_false_positives_on_heterogeneous_benign_clients(num_clients):
+    """Heterogeneity as large as the shared part, several noise levels, many seeds."""
+    flagged = 0
+    for seed in range(15):
+        for noise in (0.0, 0.1, 0.3):
+            generator = torch.Generator().manual_seed(seed)
+            federation = synthetic_federation(
+                num_clients, heterogeneity=1.0, noise=noise, generator=generator
+            )
+            flagged += sum(clair_aggregate(federation.updates).contaminated)
+    assert flagged == 0
+
+
+def test_refinement_is_exact():
+    """Refined product = P_U Θ_k + (I − P_U) Σ_S w_j Θ_j, with S the collaborative set."""
+    generator = torch.Generator().manual_seed(3)
+    federation = synthetic_federation(8, noise=0.2, num_modules=2, generator=generator)
+    updates = _off_subspace_attack(federation, [0, 1], generator)
+    weights = torch.arange(1.0, 9.0)
+
+    result = clair_aggregate(updates, weights)
+
+    assert result.collaborative_set == list(range(2, 8))
+    set_weights = weights[2:] / weights[2:].sum()
+    for name, subspace in result.subspaces.items():
+        projector = subspace @ subspace.T
+        average = sum(
+            w * (updates[j][name][0] @ updates[j][name][1])
+            for w, j in zip(set_weights, range(2, 8))
+        )
+        outside = torch.eye(projector.shape[0], dtype=projector.dtype) - projector
+        for k in range(2, 8):
+            b, a = result.refined[k][name]
+            own = updates[k][name][0] @ updates[k][name][1]
+            torch.testing.assert_close(b @ a, projector @ own + outside @ average)
+        # Flagged clients keep their own update by default.
+        b, a = result.refined[0][name]
+        torch.testing.assert_close(b @ a, updates[0][name][0] @ updates[0][name][1])
+
+
+def test_refinement_reduces_off_subspace_noise_for_benign_clients():
+    generator = torch.Generator().manual_seed(11)
+    clean = synthetic_federation(30, noise=0.0, generator=generator)
+    noisy = synthetic_federation(30, noise=0.3, generator=torch.Generator().manual_seed(11))
+    result = clair_aggregate(noisy.updates)
+    name = "layers.0.proj"
+    local_error = refined_error = 0.0
+    for k in range(30):
+        truth = clean.updates[k][name][0] @ clean.updates[k][name][1]
+        local = noisy.updates[k][name][0] @ noisy.updates[k][name][1]
+        b, a = result.refined[k][name]
+        local_error += float((local - truth).norm())
+        refined_error += float((b @ a - truth).norm())
+    assert refined_error < 0.5 * local_error
+
+
+def test_flagged_clients_can_receive_the_consensus():
+    generator = torch.Generator().manual_seed(5)
+    federation = synthetic_federation(10, generator=generator)
+    updates = _off_subspace_attack(federation, [0], generator)
+    result = clair_aggregate(updates, flagged_policy="consensus")
+    name = "layers.0.proj"
+    expected = sum(updates[j][name][0] @ updates[j][name][1] for j in range(1, 10)) / 9
+    b, a = result.refined[0][name]
+    torch.testing.assert_close(b @ a, expected)
+
+
+def test_nonfinite_client_is_excluded_when_asked_and_reported():
+    generator = torch.Generator().manual_seed(2)
+    updates = [dict(u) for u in synthetic_federation(8, generator=generator).updates]
+    name = "layers.0.proj"
+    b, a = updates[3][name]
+    poisoned = b.clone()
+    poisoned[0, 0] = float("nan")
+    updates[3][name] = (poisoned, a)
+
+    with pytest.raises(UpdateValidationError, match=r"client 3: module 'layers.0.proj': B has 1"):
+        clair_aggregate(updates)
+
+    result = clair_aggregate(updates, nonfinite="exclude")
+    assert set(result.excluded) == {3} and "non-finite" in result.excluded[3]
+    assert result.contaminated[3] and math.isinf(result.scores[3])
+    assert 3 not in result.collaborative_set
+    refined_b, refined_a = result.refined[3][name]
+    assert torch.isfinite(refined_b @ refined_a).all()
+
+
+def test_same_input_gives_same_flags_and_scores():
+    generator = torch.Generator().manual_seed(9)
+    federation = synthetic_federation(12, noise=0.1, generator=generator)
+    updates = _off_subspace_attack(federation, [0, 1, 2], generator)
+    first, second = clair_aggregate(updates), clair_aggregate(updates)
+    assert first.contaminated == second.contaminated
+    assert first.scores == second.scores
+
+
+def test_stable_formulation_keeps_the_low_rank_part_low_rank_under_noise():
+    generator = torch.Generator().manual_seed(4)
+    federation = synthetic_federation(
+        30, d_out=96, d_in=80, rank=8, subspace_rank=6, noise=0.4, generator=generator
+    )
+    updates = _off_subspace_attack(federation, range(9), generator)
+    exact = clair_aggregate(updates)
+    stable = clair_aggregate(updates, formulation="stable", noise_level=0.4)
+    assert stable.contaminated == exact.contaminated == [k < 9 for k in range(30)]
+    stable_rank = stable.diagnostics["low_rank_ranks"]["layers.0.proj"]
+    exact_rank = exact.diagnostics["low_rank_ranks"]["layers.0.proj"]
+    assert 2 * stable_rank <= exact_rank
+    assert stable_rank <= 2 * 6
+    estimate, truth = stable.subspaces["layers.0.proj"], federation.subspaces["layers.0.proj"]
+    outside_estimate = truth - estimate @ (estimate.T @ truth)
+    assert float(torch.linalg.matrix_norm(outside_estimate, ord=2)) < 0.2
+
+
+def test_float32_and_half_precision_inputs_are_supported():
+    generator = torch.Generator().manual_seed(1)
+    federation = synthetic_federation(10, dtype=torch.float32, generator=generator)
+    updates = _off_subspace_attack(federation, [0, 1], generator)
+    half = [
+        {n: (b.to(torch.bfloat16), a.to(torch.bfloat16)) for n, (b, a) in u.items()}
+        for u in updates
+    ]
+    for inputs in (updates, half):
+        result = clair_aggregate(inputs)
+        assert result.contaminated == [k < 2 for k in range(10)]
+        assert result.refined[5]["layers.0.proj"][0].dtype == torch.float32
+
+
+def test_result_shape_and_lazy_refined_sequence():
+    generator = torch.Generator().manual_seed(0)
+    federation = synthetic_federation(6, generator=generator)
+    result = clair_aggregate(federation.updates)
+    assert isinstance(result, AggregationResult)
+    assert len(result.contaminated) == len(result.scores) == len(result.refined) == 6
+    assert set(result.score_components) >= {"off_subspace_z", "direction_z", "norm_z"}
+    last = result.refined[-1]["layers.0.proj"]
+    torch.testing.assert_close(
+        last[0] @ last[1],
+        result.refined[5]["layers.0.proj"][0] @ result.refined[5]["layers.0.proj"][1],
+    )
+    assert len(result.refined[1:3]) == 2
+    with pytest.raises(IndexError):
+        result.refined[6]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"checks": ("spectral",)}, "checks must be"),
+        ({"flagged_policy": "drop"}, "flagged_policy"),
+        ({"threshold": 0}, "threshold"),
+        ({"formulation": "robust"}, "formulation"),
+        ({"lam_factor": -1.0}, "lam_factor"),
+        ({"subspace_rank": "largest"}, "subspace_rank"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+    ],
+)
+def test_bad_options_raise_clear_errors(options, message):
+    federation = synthetic_federation(6)
+    with pytest.raises(ValueError, match=message):
+        clair_aggregate(federation.updates, **options)
+
+
+def test_unknown_option_is_a_type_error():
+    with pytest.raises(TypeError, match="lamda"):
+        clair_aggregate(synthetic_federation(4).updates, lamda=1.0)

@@ -1,0 +1,116 @@
+"""The compressed stacking is an exact stand-in for the dense one (CLAIR step 1)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clair_lightning.core.compression import StackingCore, compress_module, stacking_core
+from clair_lightning.core.decomposition import block_outlier_pursuit
+from clair_lightning.core.updates import validate_updates
+
+
+def _dense_stacking(updates, name):
+    return torch.cat([u[name][0] @ u[name][1] for u in updates], dim=1)
+
+
+@st.composite
+def federations(draw):
+    num_clients = draw(st.integers(2, 6))
+    d_out = draw(st.integers(2, 24))
+    d_in = draw(st.integers(1, 24))
+    ranks = draw(st.lists(st.integers(1, 5), min_size=num_clients, max_size=num_clients))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    updates = [
+        {
+            "m": (
+                torch.randn(d_out, rank, generator=generator, dtype=torch.float64),
+                torch.randn(rank, d_in, generator=generator, dtype=torch.float64),
+            )
+        }
+        for rank in ranks
+    ]
+    return updates
+
+
+@settings(max_examples=60, deadline=None)
+@given(federations())
+def test_compression_preserves_singular_values_and_block_norms(updates):
+    validated = validate_updates(updates)
+    module = compress_module(validated, "m", validated.included)
+    dense = _dense_stacking(updates, "m")
+
+    d_in = dense.shape[1] // len(updates)
+    widths = [min(u["m"][0].shape[1], d_in) for u in updates]
+    assert module.stacked.shape == (dense.shape[0], sum(widths))
+    dense_values = torch.linalg.svdvals(dense)
+    compressed_values = torch.linalg.svdvals(module.stacked)
+    count = min(len(dense_values), len(compressed_values))
+    torch.testing.assert_close(
+        compressed_values[:count], dense_values[:count], atol=1e-9, rtol=1e-7
+    )
+    rest = dense_values[count:]
+    assert rest.numel() == 0 or float(rest.max()) < 1e-9 * max(float(dense_values[0]), 1.0)
+    dense_norms = torch.stack([(u["m"][0] @ u["m"][1]).norm() for u in updates])
+    torch.testing.assert_close(module.norms, dense_norms, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(federations())
+def test_core_has_the_normalised_stackings_spectrum(updates):
+    validated = validate_updates(updates)
+    module = compress_module(validated, "m", validated.included)
+    core = stacking_core(module)
+    normalised = module.stacked / module.norms[module.block_owner]
+    expected = torch.linalg.svdvals(normalised)
+    got = torch.linalg.svdvals(core.matrix)
+    torch.testing.assert_close(got, expected[: len(got)], atol=1e-8, rtol=1e-6)
+    assert abs(core.nuclear_norm - float(expected.sum())) <= 1e-6 * float(expected.sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(federations())
+def test_decomposition_scores_match_the_dense_stacking(updates):
+    """Block outlier pursuit on the compressed core and on the dense stacking agree."""
+    validated = validate_updates(updates)
+    module = compress_module(validated, "m", validated.included)
+    compressed = block_outlier_pursuit(
+        [stacking_core(module)],
+        [module.block_owner],
+        len(updates),
+        svd="full",
+        tolerance=1e-9,
+        max_iterations=3000,
+    )
+    d_in = updates[0]["m"][1].shape[1]
+    dense = torch.cat([(b @ a) / (b @ a).norm() for b, a in (u["m"] for u in updates)], dim=1)
+    owner = torch.arange(len(updates)).repeat_interleave(d_in)
+    direct = block_outlier_pursuit(
+        [StackingCore.from_matrix(dense)],
+        [owner],
+        len(updates),
+        svd="full",
+        tolerance=1e-9,
+        max_iterations=3000,
+    )
+    assert compressed.lam == direct.lam or abs(compressed.lam - direct.lam) < 1e-7 * direct.lam
+    torch.testing.assert_close(
+        compressed.sparse_fraction, direct.sparse_fraction, atol=1e-5, rtol=0
+    )
+
+
+def test_rank_deficient_noiseless_stacking_uses_a_smaller_core():
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(30, 2, generator=generator, dtype=torch.float64)
+    updates = [
+        {
+            "m": (
+                shared @ torch.randn(2, 3, generator=generator, dtype=torch.float64),
+                torch.randn(3, 20, generator=generator, dtype=torch.float64),
+            )
+        }
+        for _ in range(5)
+    ]
+    validated = validate_updates(updates)
+    core = stacking_core(compress_module(validated, "m", validated.included))
+    assert core.matrix.shape == (2, 15)
