@@ -97,7 +97,7 @@ def test_refinement_is_exact():
         projector = subspace @ subspace.T
         average = sum(
             w * (updates[j][name][0] @ updates[j][name][1])
-            for w, j in zip(set_weights, range(2, 8))
+            for w, j in zip(set_weights, range(2, 8), strict=True)
         )
         outside = torch.eye(projector.shape[0], dtype=projector.dtype) - projector
         for k in range(2, 8):

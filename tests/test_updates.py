@@ -26,7 +26,8 @@ def _federation(n=4):
     [
         (
             lambda u: u[2].pop("q_proj") and u[2].update(v_proj=u[0]["q_proj"]),
-            r"client 2: modules differ from client 0 \(missing \['q_proj'\], unexpected \['v_proj'\]\)",
+            r"client 2: modules differ from client 0 "
+            r"\(missing \['q_proj'\], unexpected \['v_proj'\]\)",
         ),
         (
             lambda u: u[1].update(q_proj=(torch.randn(7, 2), torch.randn(2, 5))),
