@@ -235,3 +235,21 @@ def test_bad_options_raise_clear_errors(options, message):
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError, match="lamda"):
         clair_aggregate(synthetic_federation(4).updates, lamda=1.0)
+
+
+def test_gap_rule_counts_missing_singular_values_as_zero():
+    """Noiseless rank-3 updates give a 3-row core; the gap rule must still choose 3."""
+    from clair_lightning.core.subspace import choose_rank
+
+    values = torch.tensor([5.0, 1.0, 0.9], dtype=torch.float64)
+    assert choose_rank(values, "gap", cap=10, decomposition_rank=1) == 3
+    assert (
+        choose_rank(
+            torch.tensor([5.0, 1.0, 0.9, 0.001, 0.0009]), "gap", cap=10, decomposition_rank=1
+        )
+        == 3
+    )
+    tiny = torch.tensor([5.0, 0.01, 0.009])
+    assert choose_rank(tiny, "gap", cap=10, decomposition_rank=1) == 3
+    # Below the float32 floor the small values are rounding noise, not directions.
+    assert choose_rank(tiny, "gap", cap=10, decomposition_rank=1, relative_floor=3e-3) == 1

@@ -13,7 +13,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .compression import CompressedModule, StackingCore, compress_module, stacking_core
+from .compression import (
+    CompressedModule,
+    StackingCore,
+    compress_module,
+    numerical_floor,
+    stacking_core,
+)
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
 from .detection import direction_distance, robust_z
 from .refinement import ModuleRefinement, consensus, module_refinement, refine
@@ -41,7 +47,8 @@ def clair_aggregate(
     off_subspace_floor: float = 0.02,
     direction_floor: float = 0.05,
     norm_floor: float = 0.25,
-    subspace_rank: RankRule = "decomposition",
+    direction_alignment: float = -0.5,
+    subspace_rank: RankRule = "gap",
     max_subspace_rank: int | None = None,
     flagged_policy: FlaggedPolicy = "own",
     nonfinite: NonFinitePolicy = "raise",
@@ -61,7 +68,13 @@ def clair_aggregate(
             in-subspace coefficients), ``norm`` (log of the update norm, two-sided).
         off_subspace_floor, direction_floor, norm_floor: smallest scale of each robust z-score,
             so near-identical benign clients are not flagged for tiny deviations.
-        subspace_rank: ``"decomposition"`` (rank of the recovered low-rank part), ``"gap"``,
+        direction_alignment: a direction outlier must also have a cosine to the consensus below
+            this multiple of the typical client's cosine. ``-0.5`` (default) flags updates that
+            oppose the consensus (sign flips, inner-product manipulation) and keeps strongly
+            heterogeneous benign clients safe; ``0.5`` also flags updates orthogonal to it
+            inside the subspace (e.g. shuffled targets), at some false-positive cost.
+        subspace_rank: ``"gap"`` (largest ratio of consecutive singular values, default: it
+            stays right under noise), ``"decomposition"`` (rank of the recovered low-rank part),
             ``"energy"`` or a fixed int; capped by ``max_subspace_rank`` (default
             ``min(d_out − 1, Σr_S // 2)``).
         flagged_policy: what flagged clients receive: their ``"own"`` update or the
@@ -75,7 +88,7 @@ def clair_aggregate(
         ``d_out x r_s`` basis from the collaborative set), ``refined`` (exact factors, built on
         access), ``score_components`` and ``diagnostics``.
     """
-    _check_options(checks, flagged_policy, threshold)
+    _check_options(checks, flagged_policy, threshold, direction_alignment)
     timer = _StepTimer()
     validated = validate_updates(updates, weights, nonfinite=nonfinite)
     clients = validated.included
@@ -120,11 +133,10 @@ def clair_aggregate(
     statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
     scores = torch.stack([statistics[check] for check in checks]).max(dim=0).values
     flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
-    # A direction outlier must also point against the consensus at least half as strongly as a
-    # typical client points along it: heterogeneity lowers cosines, in-subspace attacks flip them.
+    # Heterogeneity lowers cosines to the consensus; in-subspace attacks flip or zero them.
     typical_cosine = float((1.0 - direction[reference]).median())
-    anti_aligned = (1.0 - direction) < -0.5 * max(typical_cosine, 0.0)
-    flags = flags | ("direction" in checks) & (direction_z > threshold) & anti_aligned
+    misaligned = (1.0 - direction) < direction_alignment * max(typical_cosine, 0.0)
+    flags = flags | ("direction" in checks) & (direction_z > threshold) & misaligned
     timer.lap("detect")
 
     collaborative = ~flags
@@ -182,7 +194,9 @@ def clair_aggregate(
     )
 
 
-def _check_options(checks: Sequence[str], flagged_policy: str, threshold: float) -> None:
+def _check_options(
+    checks: Sequence[str], flagged_policy: str, threshold: float, direction_alignment: float
+) -> None:
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown or not checks:
         raise ValueError(f"checks must be a non-empty subset of {CHECKS}, got {list(checks)}")
@@ -190,6 +204,8 @@ def _check_options(checks: Sequence[str], flagged_policy: str, threshold: float)
         raise ValueError(f"flagged_policy must be 'own' or 'consensus', got {flagged_policy!r}")
     if threshold <= 0:
         raise ValueError(f"threshold must be positive, got {threshold}")
+    if not -1.0 <= direction_alignment <= 1.0:
+        raise ValueError(f"direction_alignment must be in [-1, 1], got {direction_alignment}")
 
 
 class _SubspaceEstimator:
@@ -244,7 +260,10 @@ class _SubspaceEstimator:
                 else min(cap, self._rule if isinstance(self._rule, int) else low_rank_rank) + 1
             )
             basis, singular = leading_left_singular(weighted, wanted, self._generator)
-            bases.append(basis[:, : choose_rank(singular, self._rule, cap, low_rank_rank)])
+            rank = choose_rank(
+                singular, self._rule, cap, low_rank_rank, numerical_floor(weighted.dtype)
+            )
+            bases.append(basis[:, :rank])
         return bases
 
     def residual_fraction(self, core_bases: list[Tensor]) -> Tensor:

@@ -71,7 +71,7 @@ def _row_space_factor(a: Tensor) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(a @ a.T, upper=True)
     if int(info) == 0:
         diagonal = factor.diagonal().abs()
-        if diagonal.min() > diagonal.max() * _condition_floor(a.dtype):
+        if diagonal.min() > diagonal.max() * numerical_floor(a.dtype):
             return factor
     return torch.linalg.qr(a.T, mode="r")[1]
 
@@ -121,6 +121,8 @@ class StackingCore:
 def stacking_core(module: CompressedModule) -> StackingCore:
     """Core of the module's stacking with unit-norm client blocks (one GEMM, Cholesky, eigvalsh).
 
+    A stacking with at most half as many rows as columns is used directly instead.
+
     Scaling columns commutes with Cholesky (``chol(D⁻¹GD⁻¹) = chol(G)·D⁻¹``), so the Gram of the
     raw stacking is rescaled instead of copying the stacking. A rank-deficient or badly
     conditioned Gram (noiseless updates) falls back to an eigendecomposition that drops the
@@ -128,9 +130,12 @@ def stacking_core(module: CompressedModule) -> StackingCore:
     """
     stacked = module.stacked
     inverse_norms = 1.0 / module.norms.clamp_min(1e-30)[module.block_owner].to(stacked.dtype)
+    if stacked.shape[0] <= stacked.shape[1] // 2:
+        # Short and wide (e.g. dense estimates with A = I): the stacking is its own core.
+        return StackingCore.from_matrix((stacked * inverse_norms).contiguous())
     gram = (stacked.T @ stacked) * inverse_norms[:, None] * inverse_norms[None, :]
     normalised = _LazyScaled(stacked, inverse_norms)
-    floor = _condition_floor(stacked.dtype)
+    floor = numerical_floor(stacked.dtype)
     factor, info = torch.linalg.cholesky_ex(gram, upper=True)
     if int(info) == 0:
         diagonal = factor.diagonal().abs()
@@ -169,6 +174,10 @@ class _LazyScaled:
         return self._stacked @ (self._scale[:, None] * other)
 
 
-def _condition_floor(dtype: torch.dtype) -> float:
-    """Relative size below which a direction of the stacking counts as numerically zero."""
+def numerical_floor(dtype: torch.dtype) -> float:
+    """Relative singular value below which a direction of a stacking counts as zero.
+
+    Gram-based cores square the condition number, so float32 keeps directions down to 3e-3 of
+    the largest singular value and float64 down to 1e-6.
+    """
     return 1e-6 if dtype == torch.float64 else 3e-3

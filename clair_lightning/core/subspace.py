@@ -37,34 +37,41 @@ def leading_left_singular(
     return (basis @ u_small)[:, :count], s[:count]
 
 
-def choose_rank(singular_values: Tensor, rule: RankRule, cap: int, decomposition_rank: int) -> int:
+def choose_rank(
+    singular_values: Tensor,
+    rule: RankRule,
+    cap: int,
+    decomposition_rank: int,
+    relative_floor: float = 1e-6,
+) -> int:
     """Subspace dimension from the collaborative set's spectrum, between 1 and ``cap``.
 
-    ``"decomposition"`` keeps the rank of the recovered low-rank part; ``"gap"`` the largest
-    ratio between consecutive singular values; ``"energy"`` the smallest rank holding 90% of the
-    squared spectrum; an integer is used as given.
+    ``"gap"`` keeps the largest ratio between consecutive singular values; ``"decomposition"``
+    the rank of the recovered low-rank part; ``"energy"`` the smallest rank holding 90% of the
+    squared spectrum; an integer is used as given. Values below ``relative_floor`` times the
+    largest (including those never computed because the core has no further directions) count
+    as numerical zeros.
     """
-    numerical = (
-        int((singular_values > singular_values[0] * 1e-6).sum()) if len(singular_values) else 0
-    )
-    upper = max(1, min(cap, numerical))
     if isinstance(rule, int) and not isinstance(rule, bool):
         if rule < 1:
             raise ValueError(f"subspace_rank must be at least 1, got {rule}")
+    elif rule not in ("gap", "decomposition", "energy"):
+        raise ValueError(
+            "subspace_rank must be 'gap', 'decomposition', 'energy' or a positive int, "
+            f"got {rule!r}"
+        )
+    floor = float(singular_values[0]) * relative_floor if len(singular_values) else 0.0
+    numerical = int((singular_values > floor).sum())
+    upper = max(1, min(cap, numerical))
+    if isinstance(rule, int):
         return min(rule, upper)
     if rule == "decomposition":
         return min(max(decomposition_rank, 1), upper)
     if rule == "gap":
         values = singular_values[: upper + 1]
-        if len(values) <= 1:
-            return upper
-        floor = values[0] * 1e-12
-        ratios = values[:-1] / values[1:].clamp_min(floor)
-        return int(ratios[:upper].argmax()) + 1
-    if rule == "energy":
-        energy = singular_values.square().cumsum(0)
-        reached = int((energy < _ENERGY_FRACTION * energy[-1]).sum()) + 1
-        return min(reached, upper)
-    raise ValueError(
-        f"subspace_rank must be 'decomposition', 'gap', 'energy' or a positive int, got {rule!r}"
-    )
+        padding = values.new_zeros(max(0, upper + 1 - len(values)))
+        values = torch.cat([values, padding]).clamp_min(max(floor, 1e-300))
+        return int((values[:upper] / values[1 : upper + 1]).argmax()) + 1
+    energy = singular_values.square().cumsum(0)
+    reached = int((energy < _ENERGY_FRACTION * energy[-1]).sum()) + 1
+    return min(reached, upper)
