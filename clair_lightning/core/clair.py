@@ -76,7 +76,8 @@ def clair_aggregate(
         subspace_rank: ``"gap"`` (largest ratio of consecutive singular values, default: it
             stays right under noise), ``"decomposition"`` (rank of the recovered low-rank part),
             ``"energy"`` or a fixed int; capped by ``max_subspace_rank`` (default
-            ``min(d_out − 1, Σr_S // 2)``).
+            ``min(d_out − 1, Σr_S // 2, 4 · largest client rank)``: a shared subspace is
+            assumed to be at most a few client ranks wide).
         flagged_policy: what flagged clients receive: their ``"own"`` update or the
             collaborative set's ``"consensus"`` average. Excluded clients get the consensus.
         nonfinite: ``"raise"`` on non-finite factors, or ``"exclude"`` the client and report it.
@@ -253,7 +254,8 @@ class _SubspaceEstimator:
             d_out = module.stacked.shape[0]
             cap = self._max_rank
             if cap is None:
-                cap = max(1, min(d_out - 1, weighted.shape[1] // 2))
+                largest_block = max(block.stop - block.start for block in module.blocks)
+                cap = max(1, min(d_out - 1, weighted.shape[1] // 2, 4 * largest_block))
             wanted = (
                 cap + 1
                 if self._rule in ("gap", "energy")

@@ -131,27 +131,30 @@ def _inexact_alm(
     sparse = [torch.zeros_like(core) for core in cores]
     low_rank = sparse
     for iteration in range(1, max_iterations + 1):
+        shifted = [
+            torch.add(core, y, alpha=1.0 / penalty) for core, y in zip(cores, duals, strict=True)
+        ]
         low_rank = [
-            solver.threshold(m, torch.add(core, y, alpha=1.0 / penalty).sub_(c), 1.0 / penalty)
-            for m, (core, c, y) in enumerate(zip(cores, sparse, duals, strict=True))
+            solver.threshold(m, torch.sub(w, c), 1.0 / penalty)
+            for m, (w, c) in enumerate(zip(shifted, sparse, strict=True))
         ]
-        sparse = _block_shrink(
+        targets = [w.sub_(low) for w, low in zip(shifted, low_rank, strict=True)]
+        factors = _shrink_factors(targets, owners, num_clients, lam / penalty)
+        # With Z = M − L + Y/μ and C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ.
+        remainders = [
+            target * (1.0 - factors.to(target.dtype))[owner]
+            for target, owner in zip(targets, owners, strict=True)
+        ]
+        sparse = [target.sub_(rest) for target, rest in zip(targets, remainders, strict=True)]
+        residual = _total_norm(
             [
-                torch.add(core, y, alpha=1.0 / penalty).sub_(low)
-                for core, low, y in zip(cores, low_rank, duals, strict=True)
-            ],
-            owners,
-            num_clients,
-            lam / penalty,
+                torch.sub(rest, y, alpha=1.0 / penalty)
+                for rest, y in zip(remainders, duals, strict=True)
+            ]
         )
-        residuals = [
-            torch.sub(core, low).sub_(c)
-            for core, low, c in zip(cores, low_rank, sparse, strict=True)
-        ]
-        for y, residual in zip(duals, residuals, strict=True):
-            y.add_(residual, alpha=penalty)
+        duals = [rest.mul_(penalty) for rest in remainders]
         penalty = min(penalty * penalty_growth, max_penalty)
-        if _total_norm(residuals) <= tolerance * data_norm:
+        if residual <= tolerance * data_norm:
             return low_rank, sparse, iteration, True
     return low_rank, sparse, max_iterations, False
 
@@ -266,12 +269,19 @@ class _SvtState:
         return range_basis @ u_small, singular, vh
 
 
+def _shrink_factors(
+    targets: list[Tensor], owners: list[Tensor], num_clients: int, tau: float
+) -> Tensor:
+    """Group soft-thresholding factors ``max(0, 1 − τ/‖X_k‖)`` per client (pooled norms)."""
+    norms = _pooled_block_norms(targets, owners, num_clients)
+    return torch.where(norms > tau, 1.0 - tau / norms.clamp_min(1e-30), 0.0)
+
+
 def _block_shrink(
     targets: list[Tensor], owners: list[Tensor], num_clients: int, tau: float
 ) -> list[Tensor]:
-    """Group soft-thresholding, in place: scale each client's pooled block by max(0, 1 − τ/‖·‖)."""
-    norms = _pooled_block_norms(targets, owners, num_clients)
-    factors = torch.where(norms > tau, 1.0 - tau / norms.clamp_min(1e-30), 0.0)
+    """Group soft-thresholding, in place: scale each client's pooled block by its factor."""
+    factors = _shrink_factors(targets, owners, num_clients, tau)
     for target, owner in zip(targets, owners, strict=True):
         target.mul_(factors.to(target.dtype)[owner])
     return targets
