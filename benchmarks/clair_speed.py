@@ -27,7 +27,6 @@ from clair_lightning.core.decomposition import block_outlier_pursuit
 from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.core.updates import validate_updates
 
-
 PAUSE = 0.5
 
 
