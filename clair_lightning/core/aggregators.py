@@ -17,6 +17,12 @@ AGGREGATORS: dict[str, Aggregator] = {
     "local": baselines.local,
     "fedavg": baselines.fedavg,
     "oracle": baselines.oracle,
+    "fedit": baselines.fedit,
+    "median": baselines.median,
+    "trimmed_mean": baselines.trimmed_mean,
+    "krum": baselines.krum,
+    "multikrum": baselines.multikrum,
+    "geomedian": baselines.geomedian,
 }
 
 # Aggregators that need the ground-truth contamination mask (simulation only).

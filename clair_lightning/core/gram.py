@@ -36,12 +36,17 @@ def squared_distances(gram: Tensor) -> Tensor:
 
 
 def geometric_median_coefficients(
-    gram: Tensor, weights: Tensor, iterations: int = 100, smoothing: float = 1e-6
+    gram: Tensor,
+    weights: Tensor,
+    iterations: int = 100,
+    smoothing: float = 1e-6,
+    tolerance: float = 1e-8,
 ) -> Tensor:
     """Coefficients ``c`` with ``Σ c_i x_i`` the weighted geometric median of vectors ``x_i``.
 
     Smoothed Weiszfeld iterations run on the Gram matrix ``G_ij = ⟨x_i, x_j⟩`` alone, using
     ``‖Σ c_i x_i − x_j‖² = cᵀGc − 2(Gc)_j + G_jj``; ``smoothing`` is relative to the largest norm.
+    Stops when the coefficients (which sum to one) move by at most ``tolerance`` in ℓ1.
     """
     gram = gram.to(torch.float64)
     weights = weights.to(torch.float64)
@@ -54,6 +59,6 @@ def geometric_median_coefficients(
         updated = inverse / inverse.sum()
         moved = float((updated - coefficients).abs().sum())
         coefficients = updated
-        if moved <= 1e-8:
+        if moved <= tolerance:
             break
     return coefficients

@@ -1,0 +1,45 @@
+"""Dense client products a block of output rows at a time, for coordinate-wise rules.
+
+Coordinate-wise statistics (median, trimmed mean, "a little is enough") have no Gram shortcut:
+they need every entry of every ``B_k A_k``. Forming all K products at once costs
+``K·d_out·d_in`` floats; going over output rows in blocks caps that at ``chunk_elements``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .updates import LoraFactors
+
+# 2**24 products in the working block: 64 MiB in float32. Sorting the block along clients adds
+# the sorted values and int64 indices, so a coordinate-wise median peaks near 4x that (256 MiB).
+DEFAULT_CHUNK_ELEMENTS = 2**24
+
+
+def product_row_blocks(
+    factors: Sequence[LoraFactors], chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> Iterator[tuple[slice, Tensor]]:
+    """Yield ``(rows, products)`` with ``products[k] = (B_k A_k)[rows]`` (``K x |rows| x d_in``).
+
+    A block holds at most ``chunk_elements`` entries (and at least one full output row). The
+    yielded tensor is scratch space: the next block overwrites it, and callers may modify it.
+    """
+    if not factors:
+        raise ValueError("product_row_blocks needs at least one client")
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
+    d_out, d_in = factors[0][0].shape[0], factors[0][1].shape[1]
+    rows_per_block = max(1, chunk_elements // (len(factors) * d_in))
+    first_b = factors[0][0]
+    scratch = torch.empty(
+        len(factors), min(rows_per_block, d_out), d_in, dtype=first_b.dtype, device=first_b.device
+    )
+    for start in range(0, d_out, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, d_out))
+        block = scratch[:, : rows.stop - rows.start]
+        for k, (b, a) in enumerate(factors):
+            torch.matmul(b[rows], a, out=block[k])
+        yield rows, block
