@@ -1,6 +1,7 @@
 """Framework-free CLAIR engine: pure torch, no Lightning, W&B or Flower imports."""
 
 from .aggregators import AGGREGATORS, aggregate, get_aggregator
+from .attacks import ATTACKS, contaminate
 from .clair import clair_aggregate
 from .factors import Refactorized, refactorize, stack_products
 from .result import AggregationResult, RefinedUpdates
@@ -8,6 +9,7 @@ from .updates import ClientUpdate, LoraFactors, UpdateValidationError, validate_
 
 __all__ = [
     "AGGREGATORS",
+    "ATTACKS",
     "AggregationResult",
     "ClientUpdate",
     "LoraFactors",
@@ -16,6 +18,7 @@ __all__ = [
     "UpdateValidationError",
     "aggregate",
     "clair_aggregate",
+    "contaminate",
     "get_aggregator",
     "refactorize",
     "stack_products",
