@@ -138,10 +138,10 @@ def median(
     """Coordinate-wise median of the products (Yin et al., 2018), exact and dense.
 
     The result is returned as factors ``(D, I_{d_in})``: a coordinate-wise statistic has no
-    low-rank structure. Weights are ignored (as in Flower's FedMedian); an even number of
-    clients takes the mean of the two middle values. ``chunk_elements`` caps the dense block
-    (clients x rows x d_in) formed at a time. ``scores``: each client's distance to the
-    aggregate relative to the median distance.
+    low-rank structure. Weights are ignored (as in Flower's FedMedian), except that a zero
+    weight excludes a client; an even number of clients takes the mean of the two middle
+    values. ``chunk_elements`` caps the dense block (clients x rows x d_in) formed at a time.
+    ``scores``: each client's distance to the aggregate relative to the median distance.
     """
     validated = validate_updates(updates, weights, nonfinite=nonfinite)
     return _coordinatewise(validated, _middle_value, chunk_elements)
@@ -272,7 +272,11 @@ def geomedian(
     clients = validated.included
     gram = product_gram(validated)
     coefficients = geometric_median_coefficients(
-        gram, validated.weights[clients], max_iterations, smoothing, tolerance
+        gram,
+        validated.weights[clients],
+        iterations=max_iterations,
+        smoothing=smoothing,
+        tolerance=tolerance,
     )
     projected = gram @ coefficients
     squared = coefficients @ projected - 2 * projected + gram.diagonal()
