@@ -42,7 +42,7 @@ def clair_aggregate(
     noise_level: float = 0.05,
     tolerance: float = 1e-4,
     max_iterations: int = 500,
-    threshold: float = 3.5,
+    threshold: float = 4.5,
     checks: Sequence[Check] = CHECKS,
     off_subspace_floor: float = 0.02,
     direction_floor: float = 0.05,
@@ -62,7 +62,11 @@ def clair_aggregate(
         lam_factor: λ as a multiple of the scale-free ``λ₀ = Σ_m ‖M_m‖_* / Σ_k ‖M_k‖_F``.
         formulation: ``"exact"`` (L + C = M, inexact ALM) or ``"stable"`` (noise-tolerant,
             ``noise_level`` is the expected relative Frobenius size of the noise).
-        threshold: robust z-score above which a statistic flags a client.
+        threshold: robust z-score above which a statistic flags a client. 4.5 rather than the
+            textbook 3.5: with 10–20 clients the MAD is itself noisy and benign clients with a
+            low signal-to-noise ratio form a right tail (measured: 3.5 flags 1–2% of benign
+            low-SNR regression clients; 4.5 none, at the cost of sign-flip recall under strong
+            heterogeneity, 0.72 → 0.53).
         checks: statistics that may flag: ``off_subspace`` (share of the update outside the
             shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
             in-subspace coefficients), ``norm`` (log of the update norm, two-sided).
