@@ -181,6 +181,19 @@ def _protocol_valid(b: Tensor, a: Tensor, original: LoraFactors) -> LoraFactors:
     )
 
 
+def _shared_message(
+    attack_round: AttackRound, name: str, b: Tensor, a: Tensor
+) -> dict[int, LoraFactors]:
+    """One crafted product sent by every attacker, truncated once per distinct attacker rank."""
+    by_rank: dict[int, LoraFactors] = {}
+    for k in attack_round.attackers:
+        rank = attack_round.rank(k, name)
+        if rank not in by_rank:
+            truncated = refactorize(b, a, rank)
+            by_rank[rank] = (truncated.b, truncated.a)
+    return {k: by_rank[attack_round.rank(k, name)] for k in attack_round.attackers}
+
+
 def _check_energy(energy: float) -> None:
     if not 0 <= energy < 1:
         raise ValueError(
@@ -305,8 +318,8 @@ def _inner_product_manipulation(
     crafted: dict[int, ClientUpdate] = {k: {} for k in attack_round.attackers}
     for name in attack_round.validated.module_names:
         mean_b, mean_a = attack_round.benign_mean(name)
-        for k in attack_round.attackers:
-            crafted[k][name] = (-epsilon * mean_b, mean_a)
+        for k, factors in _shared_message(attack_round, name, -epsilon * mean_b, mean_a).items():
+            crafted[k][name] = factors
     return crafted
 
 
@@ -334,8 +347,8 @@ def _a_little_is_enough(
             spread, centre = torch.std_mean(products, dim=0)
             shifted[rows] = centre + z * spread
         identity = torch.eye(d_in, dtype=validated.dtype, device=validated.device)
-        for k in attack_round.attackers:
-            crafted[k][name] = (shifted, identity)
+        for k, factors in _shared_message(attack_round, name, shifted, identity).items():
+            crafted[k][name] = factors
     return crafted
 
 
