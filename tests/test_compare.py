@@ -1,0 +1,130 @@
+"""`clair compare` end to end on a tiny grid: outputs exist, agree with results.json, resume."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from clair_lightning.compare.__main__ import main
+from clair_lightning.compare.backends import backend_for
+from clair_lightning.compare.grid import expand_grid
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "linear_regression.yaml"
+
+
+def _run(output: Path, *extra: str) -> None:
+    main(
+        [
+            "--config",
+            str(CONFIG),
+            "--aggregators",
+            "clair,local,fedavg,krum",
+            "--contaminations",
+            "none,random_targets,sign_flip",
+            "--seeds",
+            "0,1",
+            "--output",
+            str(output),
+            *extra,
+        ]
+    )
+
+
+def test_tiny_grid_writes_a_report_that_agrees_with_results(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\ntext before\n")
+    _run(tmp_path / "out", "--update-readme", str(readme))
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+
+    assert len(results["cells"]) == 4 * 3 * 2
+    for name in (
+        "report.md",
+        "readme_table.md",
+        "benign_metric.png",
+        "score_heatmaps.png",
+        "roc_curves.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B runs"
+
+    # Every number in the benign table is the mean over seeds of the final-round benign mean.
+    text = (out / "report.md").read_text()
+    for group in results["groups"]:
+        cells = [
+            c
+            for c in results["cells"]
+            if c["cell"]["aggregator"] == group["aggregator"]
+            and c["cell"]["contamination"] == group["contamination"]
+        ]
+        benign = [
+            sum(x["metrics"]["error"] for x in c["rounds"][-1]["clients"] if not x["contaminated"])
+            / sum(not x["contaminated"] for x in c["rounds"][-1]["clients"])
+            for c in cells
+        ]
+        assert group["final_benign"] == pytest.approx(sum(benign) / len(benign))
+        assert f"{group['final_benign']:.4f} ±" in text
+
+    clair = next(
+        g
+        for g in results["groups"]
+        if g["aggregator"] == "clair" and g["contamination"] == "random_targets"
+    )
+    assert re.search(rf"\| clair \| random_targets \| .* \| {clair['f1']:.3f} \|", text)
+    table = (out / "readme_table.md").read_text()
+    assert "| linear_regression | clair |" in table
+    assert table in readme.read_text() and readme.read_text().startswith("# Project")
+    verdicts = {(v["contamination"], v["claim"]): v for v in results["claims"]}
+    assert verdicts[("random_targets", "benign error better than local in every seed")]["holds"]
+
+
+def test_finished_cells_are_not_rerun(tmp_path, capsys):
+    output = tmp_path / "out"
+    _run(output, "--no-wandb")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (output / "cells").glob("*.json")}
+    capsys.readouterr()
+    _run(output, "--no-wandb")
+    assert "resuming: 24 of 24 cells already finished" in capsys.readouterr().out
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (output / "cells").glob("*.json")}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--aggregators", "clair,fedprox"], "unknown aggregator"),
+        (["--contaminations", "reversed_targets"], "unknown contamination"),
+        (["--seeds", "0,x"], "seeds must be integers"),
+    ],
+)
+def test_bad_grids_are_refused_before_running(tmp_path, capsys, arguments, message):
+    base = {"--aggregators": "clair", "--contaminations": "none", "--seeds": "0"}
+    base.update(dict(zip(arguments[::2], arguments[1::2], strict=True)))
+    argv = ["--config", str(CONFIG), "--output", str(tmp_path / "out")]
+    for key, value in base.items():
+        argv += [key, value]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "cells").exists() or not any(
+        (tmp_path / "out" / "cells").iterdir()
+    )
+
+
+def test_unreadable_or_unknown_config(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("just: [a, list")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("recipe: protein_folding\n")
+    for config, message in (
+        (tmp_path / "missing.yaml", "cannot read config"),
+        (broken, "not valid YAML"),
+        (unknown, "names no known recipe"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            backend_for(config)
+
+
+def test_grid_rejects_duplicates():
+    with pytest.raises(ValueError, match="duplicates"):
+        expand_grid("r", ["clair", "clair"], ["none"], [0])
