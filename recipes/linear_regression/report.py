@@ -37,10 +37,7 @@ def claims(results: dict) -> list[dict]:
     exact = [row for row in results["exact_recovery"] if row["contamination"] not in IN_SUBSPACE]
     worst = max(row["subspace_error"] for row in exact)
     exact_sets = sum(bool(row["set_exact"]) for row in exact)
-    inside = defaultdict(list)
-    for row in results["exact_recovery"]:
-        if row["contamination"] in IN_SUBSPACE:
-            inside[row["setting"]].append(row)
+    inside = [row for row in results["exact_recovery"] if row["contamination"] in IN_SUBSPACE]
 
     stable = grouped(results["stable_recovery"], "noise", "subspace_error")
     noise_levels = sorted(x for _, x in stable)
@@ -78,11 +75,8 @@ def claims(results: dict) -> list[dict]:
         },
         {
             "claim": "Beyond the paper: in-subspace data contamination (shuffled targets)",
-            "measured": "; ".join(
-                f"{setting}: set exact in {sum(bool(r['set_exact']) for r in rows)}/{len(rows)}, "
-                f"mean F1 {statistics.fmean(r['f1'] for r in rows):.2f}"
-                for setting, rows in inside.items()
-            ),
+            "measured": f"set exact in {sum(bool(r['set_exact']) for r in inside)}/"
+            f"{len(inside)} runs, mean F1 {statistics.fmean(r['f1'] for r in inside):.2f}",
             "holds": None,
         },
         {

@@ -1,0 +1,279 @@
+"""The round-boundary callback: aggregate every client's LoRA adapter and write refinements back.
+
+At the last training batch of an aggregation round it reads each client's factors, applies the
+data module's update-level contamination to contaminated uploads, runs the configured
+aggregator (``clair`` or any engine baseline), and writes each refined update into the client's
+adapter at the adapter's rank. Validation then evaluates the refined adapters; at the epoch's
+end the round is recorded (flags, scores, truth, detection metrics, per-client task metrics),
+logged, and written to ``summary.json``. The history and RNG state live in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ..core import get_aggregator
+from ..core.aggregators import NEEDS_TRUTH, aggregate
+from ..federation.adapters import read_update, write_update
+from ..federation.data import FederatedDataModule
+from ..federation.module import FederatedLoRAModule, adapter_name
+from ..metrics import detection_metrics
+from .detection_metrics import log_round
+
+SUMMARY = "summary.json"
+
+
+class FederatedAggregation(pl.Callback):
+    """Aggregate client adapters every ``period`` rounds with the aggregator ``name``.
+
+    Args:
+        name: ``clair`` or a baseline (``local``, ``fedavg``, ``fedit``, ``median``, …).
+        period: aggregate every ``period`` rounds (other rounds are purely local).
+        options: keyword options of the aggregator (checked against its signature at once).
+        nonfinite: ``exclude`` non-finite uploads (reported, the client receives the
+            aggregate) or ``raise``.
+        seed: seeds the re-initialisation of dead LoRA directions after write-back.
+    """
+
+    def __init__(
+        self,
+        name: str = "clair",
+        period: int = 1,
+        options: dict[str, Any] | None = None,
+        nonfinite: str = "exclude",
+        seed: int = 0,
+    ):
+        super().__init__()
+        function = get_aggregator(name)
+        if period < 1:
+            raise ValueError(f"aggregation period must be at least 1, got {period}")
+        if nonfinite not in ("raise", "exclude"):
+            raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
+        self.options = dict(options or {})
+        if "contaminated" in self.options:
+            raise ValueError("'contaminated' is supplied by the data module, not by the config")
+        accepted = inspect.signature(function).parameters
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            names = [p for p in accepted if p not in ("updates", "weights", "contaminated")]
+            raise ValueError(
+                f"aggregator {name!r} has no option(s) {unknown}; its options: {', '.join(names)}"
+            )
+        if "nonfinite" in accepted:
+            self.options.setdefault("nonfinite", nonfinite)
+        self.name = name
+        self.period = period
+        self.seed = seed
+        self.records: list[dict] = []
+        self._pending: dict | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._elapsed = 0.0
+        self._started: float | None = None
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, FederatedLoRAModule):
+            raise TypeError(
+                f"FederatedAggregation needs a FederatedLoRAModule, got {type(pl_module).__name__}"
+            )
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, FederatedDataModule):
+            raise TypeError("FederatedAggregation needs a FederatedDataModule")
+        if datamodule.num_clients != pl_module.num_clients:
+            raise ValueError(
+                f"the data module has {datamodule.num_clients} clients but the model "
+                f"has {pl_module.num_clients} adapters"
+            )
+
+    # --- the round --------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 != trainer.num_training_batches:
+            return
+        round_number = trainer.current_epoch + 1
+        if round_number % self.period:
+            self._pending = {"round": round_number, "aggregated": False}
+        else:
+            self._pending = self._aggregate(trainer, pl_module, round_number)
+
+    def _aggregate(
+        self, trainer: pl.Trainer, pl_module: FederatedLoRAModule, round_number: int
+    ) -> dict:
+        datamodule: FederatedDataModule = trainer.datamodule
+        clients = range(pl_module.num_clients)
+        uploads = [read_update(pl_module.model, adapter_name(k)) for k in clients]
+        uploads = datamodule.contaminate_updates(uploads, round_number)
+        options = dict(self.options)
+        if self.name in NEEDS_TRUTH:
+            options["contaminated"] = datamodule.contaminated
+        started = time.perf_counter()
+        result = aggregate(self.name, uploads, datamodule.train_sizes, **options)
+        seconds = time.perf_counter() - started
+        truncation: dict[int, float] = {}
+        for k in clients:
+            refined = result.refined[k]
+            if all(
+                refined[m][0] is uploads[k][m][0] and refined[m][1] is uploads[k][m][1]
+                for m in refined
+            ):
+                continue  # the client keeps exactly its own adapter
+            errors = write_update(pl_module.model, adapter_name(k), refined, self._generator)
+            truncation[k] = max(errors.values())
+        return {
+            "round": round_number,
+            "aggregated": True,
+            "flags": list(result.contaminated),
+            "scores": None if result.scores is None else [float(s) for s in result.scores],
+            "excluded": {int(k): v for k, v in result.excluded.items()},
+            "score_components": {
+                k: [float(x) for x in v] for k, v in result.score_components.items()
+            },
+            "diagnostics": _json_safe(result.diagnostics),
+            "truncation_error": truncation,
+            "aggregation_seconds": seconds,
+        }
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        datamodule: FederatedDataModule = trainer.datamodule
+        record = round_record(pending, datamodule.contaminated, pl_module.client_metrics)
+        self.records.append(record)
+        log_round(trainer, record)
+        self._write_summary(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started is not None:
+            self._elapsed += time.perf_counter() - self._started
+            self._started = None
+        if trainer.interrupted:
+            return
+        pl_module.save_adapters(Path(trainer.default_root_dir) / "adapters")
+        self._write_summary(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_summary(trainer, test_metrics=pl_module.test_client_metrics)
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = self._elapsed
+        if self._started is not None:
+            elapsed += time.perf_counter() - self._started
+        return {
+            "records": self.records,
+            "generator": self._generator.get_state(),
+            "elapsed": elapsed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = list(state_dict["records"])
+        self._generator.set_state(state_dict["generator"])
+        self._elapsed = float(state_dict.get("elapsed", 0.0))
+
+    # --- summary ------------------------------------------------------------------------------
+
+    def _write_summary(self, trainer: pl.Trainer, test_metrics: list[dict] | None = None) -> None:
+        directory = Path(trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        datamodule: FederatedDataModule = trainer.datamodule
+        path = directory / SUMMARY
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        elapsed = self._elapsed + (time.perf_counter() - self._started if self._started else 0)
+        summary = {
+            "aggregator": {"name": self.name, "period": self.period, "options": self.options},
+            "data": {
+                "recipe": type(datamodule).__module__,
+                "num_clients": datamodule.num_clients,
+                "contamination": datamodule.contamination,
+                "contaminated": datamodule.contaminated,
+                "seed": datamodule.seed,
+                "local_steps": datamodule.local_steps,
+                "train_sizes": datamodule.train_sizes,
+            },
+            "task": {
+                "metric": "exact_match",
+                "higher_is_better": True,
+                "metrics": ["exact_match", "token_accuracy", "loss"],
+            },
+            "runtime_seconds": elapsed,
+            "rounds": self.records,
+            "test": previous.get("test"),
+        }
+        if test_metrics:
+            summary["test"] = _with_benign_mean(test_metrics, datamodule.contaminated)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(_json_safe(summary), indent=1))
+        os.replace(temporary, path)
+
+
+def round_record(pending: dict, truth: list[bool], client_metrics: list[dict]) -> dict:
+    """A finished round: per-client truth, flag, score, task metrics; detection; benign means."""
+    num_clients = len(truth)
+    aggregated = pending["aggregated"]
+    flags = pending["flags"] if aggregated else [False] * num_clients
+    scores = pending["scores"] if aggregated else None
+    clients = []
+    for k in range(num_clients):
+        clients.append(
+            {
+                "client": k,
+                "contaminated": bool(truth[k]),
+                "flag": bool(flags[k]),
+                "score": None if scores is None else scores[k],
+                "excluded": pending.get("excluded", {}).get(k),
+                "metrics": client_metrics[k] if k < len(client_metrics) else {},
+                "truncation_error": pending.get("truncation_error", {}).get(k),
+            }
+        )
+    record = {
+        key: value
+        for key, value in pending.items()
+        if key not in ("flags", "scores", "excluded", "truncation_error")
+    }
+    record["clients"] = clients
+    record["detection"] = detection_metrics(flags, scores, truth) if aggregated else {}
+    record["benign_mean"] = _benign_mean(client_metrics, truth)
+    return record
+
+
+def _benign_mean(client_metrics: list[dict], truth: list[bool]) -> dict[str, float | None]:
+    benign = [m for m, bad in zip(client_metrics, truth, strict=False) if not bad]
+    names = benign[0].keys() if benign else ()
+    return {
+        name: statistics.fmean(values)
+        if (values := [m[name] for m in benign if math.isfinite(m[name])])
+        else None
+        for name in names
+    }
+
+
+def _with_benign_mean(client_metrics: list[dict], truth: list[bool]) -> dict:
+    return {"clients": client_metrics, "benign_mean": _benign_mean(client_metrics, truth)}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else ("inf" if value > 0 else None)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_safe(value.tolist())
+    return value

@@ -1,0 +1,18 @@
+"""Lightning layer: a federation of LoRA clients over one frozen base, and its data module."""
+
+from .base import BaseModelError, BaseModelSource, CheckpointBase, ConfigBase, build_base_model
+from .data import ClientExamples, FederatedDataModule
+from .module import FederatedLoRAModule, LoraTargetError, adapter_name
+
+__all__ = [
+    "BaseModelError",
+    "BaseModelSource",
+    "CheckpointBase",
+    "ClientExamples",
+    "ConfigBase",
+    "FederatedDataModule",
+    "FederatedLoRAModule",
+    "LoraTargetError",
+    "adapter_name",
+    "build_base_model",
+]

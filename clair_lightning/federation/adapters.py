@@ -1,0 +1,70 @@
+"""LoRA factors between a peft model holding one adapter per client and CLAIR's updates.
+
+A client's update maps each LoRA module (its path in the base model) to ``(B, A)`` with the
+LoRA scaling folded into ``B``, so ``ΔW = B @ A`` is exactly what the adapter adds.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from ..core import ClientUpdate, refactorize
+
+_PREFIX = "base_model.model."
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """Every LoRA layer by its module path in the base model (without peft's prefix)."""
+    return {
+        name.removeprefix(_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+
+
+def read_update(model: PeftModel, adapter: str) -> ClientUpdate:
+    """The adapter's factors with the scaling folded into ``B`` (detached float copies)."""
+    update: ClientUpdate = {}
+    for name, layer in lora_layers(model).items():
+        b = layer.lora_B[adapter].weight.detach() * layer.scaling[adapter]
+        a = layer.lora_A[adapter].weight.detach()
+        update[name] = (b.float().clone(), a.float().clone())
+    return update
+
+
+@torch.no_grad()
+def write_update(
+    model: PeftModel, adapter: str, update: ClientUpdate, generator: torch.Generator
+) -> dict[str, float]:
+    """Write an exact update into the adapter at its own rank; return each module's truncation.
+
+    The update is re-factorised to the adapter's rank (best rank-r approximation). Directions of
+    zero singular value would be dead under LoRA's gradients (both factors zero), so their
+    ``A`` rows are re-drawn as peft initialises them while ``B`` stays zero.
+    """
+    errors = {}
+    for name, layer in lora_layers(model).items():
+        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        b, a = update[name]
+        factors = refactorize(b.to(torch.float32), a.to(torch.float32), lora_a.shape[0])
+        new_a = factors.a
+        dead = factors.b.abs().sum(0) == 0
+        if bool(dead.any()):
+            bound = 1.0 / lora_a.shape[1] ** 0.5
+            fresh = torch.rand(int(dead.sum()), lora_a.shape[1], generator=generator)
+            new_a = new_a.clone()
+            new_a[dead] = (fresh * 2 - 1) * bound
+        lora_b.copy_((factors.b / layer.scaling[adapter]).to(lora_b.dtype))
+        lora_a.copy_(new_a.to(lora_a.dtype))
+        errors[name] = factors.relative_error
+    return errors
+
+
+@torch.no_grad()
+def copy_adapter(model: PeftModel, source: str, target: str) -> None:
+    """Make ``target``'s weights equal to ``source``'s (clients start from one initial adapter)."""
+    for layer in lora_layers(model).values():
+        layer.lora_A[target].weight.copy_(layer.lora_A[source].weight)
+        layer.lora_B[target].weight.copy_(layer.lora_B[source].weight)

@@ -1,0 +1,232 @@
+"""Per-client data, the contamination truth, and one round of local steps per Trainer epoch.
+
+A recipe subclasses ``FederatedDataModule`` and implements ``client_examples`` (and lists its
+data-level contaminations in ``DATA_CONTAMINATIONS``). Update-level contaminations (the core's
+attack generators) are applied to the factors a contaminated client uploads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..core import ATTACKS, ClientUpdate, contaminate
+
+NO_CONTAMINATION = "none"
+Example = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class ClientExamples:
+    """One client's train, validation and test examples (lists of tensor dicts)."""
+
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """K clients' data; each Trainer epoch is one round of ``local_steps`` batches per client.
+
+    ``contaminated_fraction`` of the clients (chosen by ``seed``) are contaminated with
+    ``contamination``: a data-level scenario of the recipe, an update-level attack name from
+    ``clair_lightning.core.attacks``, or ``"none"``.
+    """
+
+    DATA_CONTAMINATIONS: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        num_clients: int = 10,
+        contaminated_fraction: float = 0.3,
+        contamination: str = NO_CONTAMINATION,
+        attack_options: dict[str, Any] | None = None,
+        local_steps: int = 10,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if num_clients < 2:
+            raise ValueError(
+                f"a federation needs at least two clients, got num_clients={num_clients}"
+            )
+        if not 0 <= contaminated_fraction < 0.5:
+            raise ValueError(
+                f"contaminated_fraction must be in [0, 0.5), got {contaminated_fraction}"
+            )
+        known = self.contaminations()
+        if contamination not in known:
+            raise ValueError(f"unknown contamination {contamination!r}; known: {', '.join(known)}")
+        if contamination == NO_CONTAMINATION and contaminated_fraction > 0:
+            contaminated_fraction = 0.0
+        for name, value in (
+            ("local_steps", local_steps),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.num_clients = num_clients
+        self.contamination = contamination
+        self.attack_options = dict(attack_options or {})
+        self.local_steps = local_steps
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        order = torch.randperm(num_clients, generator=torch.Generator().manual_seed(seed))
+        chosen = set(order[: round(contaminated_fraction * num_clients)].tolist())
+        if contamination != NO_CONTAMINATION and contaminated_fraction > 0 and not chosen:
+            raise ValueError(
+                f"contaminated_fraction={contaminated_fraction} of {num_clients} clients rounds to "
+                "no contaminated client"
+            )
+        self.contaminated = [k in chosen for k in range(num_clients)]
+        self._clients: list[ClientExamples] | None = None
+
+    @classmethod
+    def contaminations(cls) -> tuple[str, ...]:
+        """Every scenario this recipe accepts."""
+        return (NO_CONTAMINATION, *cls.DATA_CONTAMINATIONS, *sorted(ATTACKS))
+
+    @property
+    def update_attack(self) -> str | None:
+        return self.contamination if self.contamination in ATTACKS else None
+
+    def client_examples(
+        self, client: int, data_contamination: str | None, generator: torch.Generator
+    ) -> ClientExamples:
+        """Build one client's examples; ``data_contamination`` is set for contaminated clients."""
+        raise NotImplementedError
+
+    # --- data -------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._clients is not None:
+            return
+        clients = []
+        for client in range(self.num_clients):
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + client)
+            poisoned = self.contaminated[client] and self.contamination in self.DATA_CONTAMINATIONS
+            examples = self.client_examples(
+                client, self.contamination if poisoned else None, generator
+            )
+            for split in ("train", "val", "test"):
+                if not getattr(examples, split):
+                    raise ValueError(f"client {client} has no {split} examples")
+            clients.append(examples)
+        self._clients = clients
+
+    @property
+    def train_sizes(self) -> list[int]:
+        """Training examples per client: the aggregation weights."""
+        self.setup()
+        return [len(c.train) for c in self._clients]
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        sampler = RoundBatchSampler(
+            self.train_sizes, self.local_steps, self.batch_size, self.seed, self._current_round
+        )
+        return DataLoader(
+            _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._evaluation_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._evaluation_loader("test")
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        self.setup()
+        batches = []
+        for client, examples in enumerate(self._clients):
+            items = [(client, i) for i in range(len(getattr(examples, split)))]
+            batches += [
+                items[i : i + self.eval_batch_size]
+                for i in range(0, len(items), self.eval_batch_size)
+            ]
+        return DataLoader(
+            _ClientDataset(self._clients, split), batch_sampler=batches, collate_fn=collate
+        )
+
+    def _current_round(self) -> int:
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.current_epoch
+
+    # --- update-level contamination ---------------------------------------------------------
+
+    def contaminate_updates(
+        self, updates: list[ClientUpdate], round_index: int
+    ) -> list[ClientUpdate]:
+        """Replace contaminated clients' uploads by the configured attack (others untouched)."""
+        if self.update_attack is None or not any(self.contaminated):
+            return updates
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
+        return contaminate(
+            updates,
+            self.contaminated,
+            self.update_attack,
+            generator=generator,
+            **self.attack_options,
+        )
+
+
+class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
+    """``local_steps`` batches per client per round; the order depends only on (seed, round)."""
+
+    def __init__(
+        self, sizes: Sequence[int], local_steps: int, batch_size: int, seed: int, current_round
+    ):
+        self.sizes = list(sizes)
+        self.local_steps = local_steps
+        self.batch_size = batch_size
+        self.seed = seed
+        self.current_round = current_round
+
+    def __len__(self) -> int:
+        return len(self.sizes) * self.local_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        round_index = self.current_round()
+        for client, size in enumerate(self.sizes):
+            generator = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + round_index) * 10_007 + client
+            )
+            needed = self.local_steps * self.batch_size
+            order: list[int] = []
+            while len(order) < needed:
+                order += torch.randperm(size, generator=generator).tolist()
+            for step in range(self.local_steps):
+                chunk = order[step * self.batch_size : (step + 1) * self.batch_size]
+                yield [(client, index) for index in chunk]
+
+
+class _ClientDataset(Dataset):
+    def __init__(self, clients: list[ClientExamples], split: str):
+        self.clients = clients
+        self.split = split
+
+    def __len__(self) -> int:
+        return sum(len(getattr(c, self.split)) for c in self.clients)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Example]:
+        client, index = key
+        return client, getattr(self.clients[client], self.split)[index]
+
+
+def collate(items: list[tuple[int, Example]]) -> dict[str, Tensor]:
+    """Stack one client's examples; ``client`` says whose adapter the batch trains."""
+    clients = {client for client, _ in items}
+    if len(clients) != 1:
+        raise ValueError(f"a batch must hold one client's examples, got clients {sorted(clients)}")
+    batch = {key: torch.stack([example[key] for _, example in items]) for key in items[0][1]}
+    batch["client"] = torch.tensor(clients.pop())
+    return batch

@@ -1,0 +1,223 @@
+"""K clients' LoRA adapters over one frozen base, trained round by round in one process.
+
+Each client has its own adapter, AdamW state, gradient clipping and learning-rate schedule. One
+Trainer epoch is one round: every client takes its local steps from its current adapter. The
+aggregation callback then reads and rewrites the adapters at the round boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .adapters import copy_adapter, lora_layers
+from .base import BaseModelSource
+from .task import ClientMetrics, completion_step
+
+LrSchedule = Literal["constant", "cosine"]
+
+
+class LoraTargetError(ValueError):
+    """A LoRA target module does not exist in the base model."""
+
+
+def adapter_name(client: int) -> str:
+    return f"client_{client}"
+
+
+class FederatedLoRAModule(pl.LightningModule):
+    """A federation of ``num_clients`` LoRA adapters on one shared, frozen base model."""
+
+    def __init__(
+        self,
+        base_model: BaseModelSource,
+        num_clients: int = 10,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        lr_schedule: LrSchedule = "constant",
+        warmup_steps: int = 0,
+    ):
+        super().__init__()
+        if num_clients < 2:
+            raise ValueError(
+                f"a federation needs at least two clients, got num_clients={num_clients}"
+            )
+        if lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1, got {lora_rank}")
+        if not 0 <= lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        self.save_hyperparameters(ignore=["base_model"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # the frozen base is rebuilt, not stored in checkpoints
+        target_modules = target_modules or ["q_proj", "v_proj"]
+        base = base_model.build().train()  # from_pretrained returns eval mode
+        check_target_modules(base, target_modules)
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        config = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            bias="none",
+        )
+        self.model: PeftModel = get_peft_model(base, config, adapter_name=adapter_name(0))
+        for client in range(1, num_clients):
+            self.model.add_adapter(adapter_name(client), config)
+            copy_adapter(self.model, adapter_name(0), adapter_name(client))
+        self.num_clients = num_clients
+        self.client_metrics: list[dict[str, float]] = []
+        self.test_client_metrics: list[dict[str, float]] = []
+        self._metrics = ClientMetrics(num_clients)
+
+    # --- parameters -------------------------------------------------------------------------
+
+    def client_parameters(self, client: int) -> list[torch.nn.Parameter]:
+        name = adapter_name(client)
+        return [
+            layer_part[name].weight
+            for layer in lora_layers(self.model).values()
+            for layer_part in (layer.lora_A, layer.lora_B)
+        ]
+
+    def activate(self, client: int) -> None:
+        """Route the forward pass (and gradients) through one client's adapter."""
+        self.model.set_adapter(adapter_name(client))
+
+    def base_fingerprint(self) -> str:
+        """A hash of the frozen base weights, to refuse resuming onto a different base."""
+        digest = hashlib.sha256()
+        for name, parameter in sorted(self.model.named_parameters()):
+            if "lora_" not in name:
+                digest.update(name.encode())
+                digest.update(repr(float(parameter.detach().double().sum())).encode())
+        return digest.hexdigest()[:16]
+
+    # --- optimisation -----------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizers, schedulers = [], []
+        rounds = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs else 1
+        local_steps = getattr(self.trainer.datamodule, "local_steps", 1) if self.trainer else 1
+        total_steps = max(1, rounds * local_steps)
+        warmup = self.hparams.warmup_steps
+        schedule = self.hparams.lr_schedule
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        for client in range(self.num_clients):
+            optimizer = torch.optim.AdamW(
+                self.client_parameters(client),
+                lr=self.hparams.learning_rate,
+                weight_decay=self.hparams.weight_decay,
+            )
+            optimizers.append(optimizer)
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
+        return optimizers, schedulers
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout and any other randomness depend only on (seed, round): resumes replay exactly.
+        seed = getattr(self.trainer.datamodule, "seed", 0)
+        torch.manual_seed(seed * 7_919 + self.current_epoch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        client = int(batch["client"])
+        self.activate(client)
+        output = completion_step(self.model, batch)
+        optimizers = self.optimizers()
+        optimizer = optimizers[client] if isinstance(optimizers, list) else optimizers
+        optimizer.zero_grad()
+        self.manual_backward(output.loss)
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.hparams.max_grad_norm,
+                gradient_clip_algorithm="norm",
+            )
+        optimizer.step()
+        schedulers = self.lr_schedulers()
+        (schedulers[client] if isinstance(schedulers, list) else schedulers).step()
+        return output.loss.detach()
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._metrics = ClientMetrics(self.num_clients)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.client_metrics = self._metrics.compute()
+
+    def on_test_epoch_start(self) -> None:
+        self._metrics = ClientMetrics(self.num_clients)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_client_metrics = self._metrics.compute()
+
+    @torch.no_grad()
+    def _evaluate(self, batch: dict[str, torch.Tensor]) -> None:
+        client = int(batch["client"])
+        self.activate(client)
+        self._metrics.update(client, completion_step(self.model, batch))
+
+    # --- checkpoints and adapters -----------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if "lora_" not in k]:
+            del state[key]
+        checkpoint["base_fingerprint"] = self.base_fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("base_fingerprint")
+        if saved is not None and saved != self.base_fingerprint():
+            raise ValueError(
+                "the checkpoint was trained on a different base model (fingerprint "
+                f"{saved} vs {self.base_fingerprint()}); resume with the same base config"
+            )
+
+    def save_adapters(self, directory: Path) -> list[Path]:
+        """Each client's adapter in peft format: ``directory/client_<k>/``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        names = [adapter_name(k) for k in range(self.num_clients)]
+        self.model.save_pretrained(str(directory), selected_adapters=names)
+        return [directory / name for name in names]
+
+
+def check_target_modules(model: torch.nn.Module, target_modules: list[str]) -> None:
+    """Every LoRA target must name at least one module; the error lists what exists."""
+    leaf_names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    missing = [t for t in target_modules if t not in leaf_names]
+    if missing:
+        raise LoraTargetError(
+            f"LoRA target module(s) {missing} are not in the base model; linear modules it has: "
+            f"{', '.join(sorted(leaf_names))}"
+        )

@@ -1,0 +1,81 @@
+"""Loss and metrics of a prompt → completion task on a causal LM, shared by every module.
+
+Labels are ``-100`` on prompt positions. Teacher-forced argmax predictions that match every
+target token are exactly what greedy decoding would produce, so exact match needs no decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StepOutput:
+    """Summed statistics of one batch (sums, so clients can be accumulated exactly)."""
+
+    loss: Tensor
+    loss_sum: Tensor
+    target_tokens: Tensor
+    correct_tokens: Tensor
+    exact_sequences: Tensor
+    sequences: Tensor
+
+
+def completion_step(model: torch.nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+    """Forward a batch, return its mean loss (for backward) and summed statistics."""
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    logits = outputs.logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    token_losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), labels.clamp_min(0), reduction="none"
+    )
+    loss_sum = (token_losses * mask).sum()
+    target_tokens = mask.sum()
+    correct = (logits.argmax(-1) == labels) & mask
+    exact = (correct | ~mask).all(dim=1)
+    return StepOutput(
+        loss=loss_sum / target_tokens.clamp_min(1),
+        loss_sum=loss_sum.detach(),
+        target_tokens=target_tokens,
+        correct_tokens=correct.sum(),
+        exact_sequences=exact.sum(),
+        sequences=torch.tensor(labels.shape[0], device=labels.device),
+    )
+
+
+class ClientMetrics:
+    """Per-client running sums over an evaluation pass: loss, token accuracy, exact match."""
+
+    NAMES = ("loss", "token_accuracy", "exact_match")
+
+    def __init__(self, num_clients: int):
+        self.sums = torch.zeros(num_clients, 5, dtype=torch.float64)
+
+    def update(self, client: int, output: StepOutput) -> None:
+        self.sums[client] += torch.tensor(
+            [
+                float(output.loss_sum),
+                float(output.target_tokens),
+                float(output.correct_tokens),
+                float(output.exact_sequences),
+                float(output.sequences),
+            ],
+            dtype=torch.float64,
+        )
+
+    def compute(self) -> list[dict[str, float]]:
+        """One dict per client; clients without data get NaN."""
+        loss_sum, tokens, correct, exact, sequences = self.sums.unbind(1)
+        nan = float("nan")
+        return [
+            {
+                "loss": float(loss_sum[k] / tokens[k]) if tokens[k] else nan,
+                "token_accuracy": float(correct[k] / tokens[k]) if tokens[k] else nan,
+                "exact_match": float(exact[k] / sequences[k]) if sequences[k] else nan,
+            }
+            for k in range(self.sums.shape[0])
+        ]
