@@ -117,10 +117,10 @@ def claims(results: dict) -> list[dict]:
         verdicts.append(
             {
                 "contamination": contamination,
-                "claim": f"detection F1 >= {F1_GOAL} on average",
-                "measured": f"F1 {clair['f1']:.3f} (final round {clair['final_f1']:.3f}), "
-                f"AUROC {_fmt(clair['auroc'])}, FPR {clair['fpr']:.3f}",
-                "holds": clair["f1"] is not None and clair["f1"] >= F1_GOAL,
+                "claim": f"detection F1 >= {F1_GOAL} on average over seeds (final round)",
+                "measured": f"final-round F1 {_fmt(clair['final_f1'])} (over all rounds "
+                f"{_fmt(clair['f1'])}), AUROC {_fmt(clair['auroc'])}, FPR {_fmt(clair['fpr'])}",
+                "holds": clair["final_f1"] is not None and clair["final_f1"] >= F1_GOAL,
             }
         )
         for rival in ("local", "fedavg"):

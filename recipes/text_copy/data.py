@@ -37,11 +37,14 @@ class TextCopyDataModule(FederatedDataModule):
         seed: int = 0,
         content_tokens: int = 24,
         sequence_length: int = 8,
-        shared_pairs: int = 3,
+        output_tokens: int = 6,
+        shared_pairs: int = 0,
+        private_rewrites: int = 3,
         train_examples: int = 64,
         val_examples: int = 128,
         test_examples: int = 256,
         label_noise: float = 0.5,
+        benign_label_noise: float = 0.0,
     ):
         super().__init__(
             num_clients,
@@ -53,13 +56,22 @@ class TextCopyDataModule(FederatedDataModule):
             eval_batch_size,
             seed,
         )
-        if not 1 <= 2 * shared_pairs < content_tokens:
+        if not 1 <= output_tokens < content_tokens:
+            raise ValueError(f"output_tokens must be in [1, content_tokens={content_tokens})")
+        if not 0 <= 2 * shared_pairs <= output_tokens:
+            raise ValueError(f"shared_pairs={shared_pairs} needs 2 * shared_pairs <= output_tokens")
+        if not 0 <= private_rewrites <= content_tokens - output_tokens:
             raise ValueError(
-                f"shared_pairs={shared_pairs} needs 2 * shared_pairs < content_tokens "
-                f"({content_tokens})"
+                f"private_rewrites must be in [0, {content_tokens - output_tokens}] "
+                f"(content_tokens - output_tokens), got {private_rewrites}"
             )
         if not 0 < label_noise <= 1:
             raise ValueError(f"label_noise must be in (0, 1], got {label_noise}")
+        if not 0 <= benign_label_noise < label_noise:
+            raise ValueError(
+                f"benign_label_noise must be in [0, label_noise={label_noise}), "
+                f"got {benign_label_noise}"
+            )
         for name, value in (
             ("train_examples", train_examples),
             ("val_examples", val_examples),
@@ -70,18 +82,25 @@ class TextCopyDataModule(FederatedDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.content_tokens = content_tokens
         self.sequence_length = sequence_length
+        self.output_tokens = output_tokens
         self.shared_pairs = shared_pairs
+        self.private_rewrites = private_rewrites
         self.sizes = {"train": train_examples, "val": val_examples, "test": test_examples}
         self.label_noise = label_noise
+        self.benign_label_noise = benign_label_noise
 
     def client_mapping(self, client: int) -> torch.Tensor:
-        """Content index → content index: shared swaps plus the client's private rewrite."""
+        """Content index → content index: shared swaps inside the output set, plus the client's
+        own rewrites of ``private_rewrites`` input tokens into the output set."""
         mapping = torch.arange(self.content_tokens)
         for pair in range(self.shared_pairs):
             mapping[2 * pair], mapping[2 * pair + 1] = 2 * pair + 1, 2 * pair
-        shared = 2 * self.shared_pairs
-        private_input = shared + client % (self.content_tokens - shared)
-        mapping[private_input] = client % shared
+        generator = torch.Generator().manual_seed(1_000 + client)
+        inputs = self.output_tokens + torch.randperm(
+            self.content_tokens - self.output_tokens, generator=generator
+        )[: self.private_rewrites]
+        mapping[inputs] = torch.randint(self.output_tokens, (self.private_rewrites,),
+                                        generator=generator)
         return mapping
 
     def client_examples(
@@ -96,6 +115,8 @@ class TextCopyDataModule(FederatedDataModule):
             y = mapping[x]
             if split == "train" and data_contamination is not None:
                 y = self._contaminate(data_contamination, y, generator)
+            elif split == "train" and self.benign_label_noise > 0:
+                y = self._noisy(y, self.benign_label_noise, generator)
             tensors = completion_tensors(content_token(x), content_token(y))
             splits[split] = [{key: value[i] for key, value in tensors.items()} for i in range(size)]
         return ClientExamples(**splits)
@@ -109,7 +130,11 @@ class TextCopyDataModule(FederatedDataModule):
             return y[torch.randperm(y.shape[0], generator=generator)]
         if contamination == "reversed_targets":
             return y.flip(1)
-        noisy = torch.rand(y.shape, generator=generator) < self.label_noise
+        return self._noisy(y, self.label_noise, generator)
+
+    def _noisy(self, y: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+        """Replace each target token by a random one with probability ``rate``."""
+        noisy = torch.rand(y.shape, generator=generator) < rate
         random = torch.randint(self.content_tokens, y.shape, generator=generator)
         return torch.where(noisy, random, y)
 
