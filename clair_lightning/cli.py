@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,21 @@ class ClairCLI(LightningCLI):
             default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **kwargs
         )
 
+    def after_fit(self) -> None:
+        self._finish_wandb()
+
+    def after_validate(self) -> None:
+        self._finish_wandb()
+
+    def after_test(self) -> None:
+        self._finish_wandb()
+
+    def _finish_wandb(self) -> None:
+        """Close the W&B run so its files are complete before the next run or process exit."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
+
     def _run_folder(self, config) -> tuple[Path, str, str]:
         data = config.data.init_args
         sources = config.get("config") or []
@@ -122,7 +138,10 @@ class ClairCLI(LightningCLI):
 def run(config: str | Path, overrides: Sequence[str] = (), subcommand: str = "fit") -> Path:
     """Run one federated experiment from Python; returns its run folder."""
     os.environ.setdefault("WANDB_MODE", "offline")
-    cli = ClairCLI(args=[subcommand, "--config", str(config), *overrides])
+    with warnings.catch_warnings():
+        # The arguments are given explicitly on purpose; the caller's own argv is unrelated.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = ClairCLI(args=[subcommand, "--config", str(config), *overrides])
     return Path(cli.trainer.default_root_dir)
 
 

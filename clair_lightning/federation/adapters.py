@@ -52,8 +52,13 @@ def write_update(
         lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         scaling = layer.scaling[adapter]
         b, a = update[name]
-        factors = refactorize(b.to(torch.float32), a.to(torch.float32), lora_a.shape[0])
-        new_b, new_a = align_factors(factors.b, factors.a, lora_b.float() * scaling)
+        b, a = b.to(torch.float32), a.to(torch.float32)
+        old_b = lora_b.float() * scaling
+        if _same_product(b, a, old_b, lora_a.float()):
+            errors[name] = 0.0
+            continue
+        factors = refactorize(b, a, lora_a.shape[0])
+        new_b, new_a = align_factors(factors.b, factors.a, old_b)
         dead = new_b.abs().sum(0) == 0
         if bool(dead.any()):
             bound = 1.0 / lora_a.shape[1] ** 0.5
@@ -64,6 +69,25 @@ def write_update(
         lora_a.copy_(new_a.to(lora_a.dtype))
         errors[name] = factors.relative_error
     return errors
+
+
+def _same_product(
+    b: torch.Tensor,
+    a: torch.Tensor,
+    old_b: torch.Tensor,
+    old_a: torch.Tensor,
+    tolerance: float = 1e-6,
+) -> bool:
+    """Whether ``b @ a`` equals ``old_b @ old_a`` (relative Frobenius), from factors alone.
+
+    Float64: the Gram form subtracts squared norms, which cancels badly in float32.
+    """
+    b, a, old_b, old_a = (x.double() for x in (b, a, old_b, old_a))
+    stacked_b = torch.cat([b, -old_b], dim=1)
+    stacked_a = torch.cat([a, old_a], dim=0)
+    difference = ((stacked_b.T @ stacked_b) * (stacked_a @ stacked_a.T)).sum().clamp_min(0)
+    reference = ((old_b.T @ old_b) * (old_a @ old_a.T)).sum().clamp_min(1e-30)
+    return float(difference.sqrt()) <= tolerance * float(reference.sqrt())
 
 
 def align_factors(b: torch.Tensor, a: torch.Tensor, reference_b: torch.Tensor):

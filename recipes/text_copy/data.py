@@ -96,11 +96,15 @@ class TextCopyDataModule(FederatedDataModule):
         for pair in range(self.shared_pairs):
             mapping[2 * pair], mapping[2 * pair + 1] = 2 * pair + 1, 2 * pair
         generator = torch.Generator().manual_seed(1_000 + client)
-        inputs = self.output_tokens + torch.randperm(
-            self.content_tokens - self.output_tokens, generator=generator
-        )[: self.private_rewrites]
-        mapping[inputs] = torch.randint(self.output_tokens, (self.private_rewrites,),
-                                        generator=generator)
+        inputs = (
+            self.output_tokens
+            + torch.randperm(self.content_tokens - self.output_tokens, generator=generator)[
+                : self.private_rewrites
+            ]
+        )
+        mapping[inputs] = torch.randint(
+            self.output_tokens, (self.private_rewrites,), generator=generator
+        )
         return mapping
 
     def client_examples(
