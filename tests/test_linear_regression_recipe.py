@@ -4,6 +4,7 @@ import json
 import statistics
 
 import pytest
+
 from clair_lightning.recipes.linear_regression import __main__ as recipe
 from clair_lightning.recipes.linear_regression.data import make_federation
 from clair_lightning.recipes.linear_regression.experiments import benign_error
