@@ -18,7 +18,7 @@ $(BIN)/clair: pyproject.toml
 setup: $(BIN)/clair
 
 run: setup
-	WANDB_MODE=offline $(BIN)/python -m clair_lightning.recipes.linear_regression --output runs/linear_regression
+	WANDB_MODE=offline $(BIN)/clair fit --config configs/text_copy.yaml --run.overwrite true
 
 test: setup
 	WANDB_MODE=offline $(BIN)/python -m pytest -q

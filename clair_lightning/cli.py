@@ -147,11 +147,11 @@ def run(config: str | Path, overrides: Sequence[str] = (), subcommand: str = "fi
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
     if arguments[:1] == ["compare"]:
         from .compare.__main__ import main as compare
 
         return compare(arguments[1:])
-    os.environ.setdefault("WANDB_MODE", "offline")
     try:
         ClairCLI(args=None if argv is None else arguments)
     except ValueError as error:

@@ -128,3 +128,83 @@ def test_unreadable_or_unknown_config(tmp_path):
 def test_grid_rejects_duplicates():
     with pytest.raises(ValueError, match="duplicates"):
         expand_grid("r", ["clair", "clair"], ["none"], [0])
+
+
+def test_tiny_lightning_grid_end_to_end(tmp_path, capsys):
+    """The same command runs the text-copying recipe through the Lightning path."""
+    output = tmp_path / "out"
+    main(
+        [
+            "--config",
+            "configs/text_copy_smoke.yaml",
+            "--aggregators",
+            "clair,fedavg",
+            "--contaminations",
+            "none,reversed_targets",
+            "--seeds",
+            "0",
+            "--output",
+            str(output),
+        ]
+    )
+    results = json.loads((output / "results.json").read_text())
+    assert results["recipe"] == "text_copy_smoke"
+    assert results["task"] == {"metric": "exact_match", "higher_is_better": True}
+    assert len(results["cells"]) == 4
+    for name in (
+        "report.md",
+        "readme_table.md",
+        "benign_metric.png",
+        "score_heatmaps.png",
+        "roc_curves.png",
+    ):
+        assert (output / name).stat().st_size > 0, name
+    for cell in results["cells"]:
+        run_dir = Path(cell["run_dir"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["aggregator"]["name"] == cell["cell"]["aggregator"]
+        assert summary["data"]["contamination"] == cell["cell"]["contamination"]
+        assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        final = summary["rounds"][-1]
+        assert cell["summary"]["final_benign"] == pytest.approx(final["benign_mean"]["exact_match"])
+    text = (output / "report.md").read_text()
+    group = next(
+        g
+        for g in results["groups"]
+        if g["aggregator"] == "clair" and g["contamination"] == "reversed_targets"
+    )
+    assert f"{group['final_benign']:.4f} ±" in text
+
+
+def test_compare_command_runs_offline_without_a_wandb_account(tmp_path):
+    """A fresh shell: no WANDB_MODE, no API key. The command must not try to log in."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    environment["HOME"] = str(tmp_path)  # no ~/.netrc, no wandb settings
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from clair_lightning.cli import main; raise SystemExit(main())",
+            "compare",
+            "--config",
+            str(CONFIG),
+            "--aggregators",
+            "clair,fedavg",
+            "--contaminations",
+            "random_targets",
+            "--seeds",
+            "0",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert list((tmp_path / "o" / "wandb").glob("offline-run-*"))

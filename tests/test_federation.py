@@ -32,18 +32,6 @@ TINY_LLAMA = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("CLAIR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    monkeypatch_module.setenv("WANDB_MODE", "offline")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("runs")

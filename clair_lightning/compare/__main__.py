@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         help="write the results table into this README between markers",
     )
     args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
 
     try:
         comparison = run_comparison(
