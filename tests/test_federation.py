@@ -271,3 +271,41 @@ def test_existing_run_folder_is_not_overwritten_silently(smoke_run, capsys):
     code = main(["fit", "--config", SMOKE, "--run.output_dir", str(smoke_run.parent)])
     assert code == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_client_module_trains_alone_and_exchanges_updates_with_the_federation(smoke_run):
+    import lightning.pytorch as pl
+
+    from clair_lightning.federation import ClientLoRAModule
+
+    settings = _smoke_settings()
+    base = PretrainedCopyBase(**settings["model"]["base_model"]["init_args"])
+    data = TextCopyDataModule(**settings["data"]["init_args"], seed=0)
+    trainer_options = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+
+    client = ClientLoRAModule(base, lora_rank=4, lora_alpha=8, learning_rate=0.01)
+    pl.Trainer(**trainer_options).validate(client, data.client_dataloader(1, "val"))
+    before = client.metrics["loss"]
+    pl.seed_everything(0)
+    pl.Trainer(max_epochs=4, **trainer_options).fit(
+        client, data.client_dataloader(1, "train", shuffle=True)
+    )
+    pl.Trainer(**trainer_options).validate(client, data.client_dataloader(1, "val"))
+    assert client.metrics["loss"] < before
+
+    saved = ClientLoRAModule(base, adapter_path=str(smoke_run / "adapters" / "client_2"))
+    pl.Trainer(**trainer_options).validate(saved, data.client_dataloader(2, "val"))
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    expected = summary["rounds"][-1]["clients"][2]["metrics"]
+    assert saved.metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+    update = client.update()
+    assert set(update) == set(saved.update())
+    saved.load_update(update)
+    for name, (b, a) in saved.update().items():
+        torch.testing.assert_close(b @ a, update[name][0] @ update[name][1], atol=1e-5, rtol=1e-4)

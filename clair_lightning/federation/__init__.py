@@ -1,6 +1,7 @@
 """Lightning layer: a federation of LoRA clients over one frozen base, and its data module."""
 
 from .base import BaseModelError, BaseModelSource, CheckpointBase, ConfigBase, build_base_model
+from .client import ClientLoRAModule
 from .data import ClientExamples, FederatedDataModule
 from .module import FederatedLoRAModule, LoraTargetError, adapter_name
 
@@ -8,6 +9,7 @@ __all__ = [
     "BaseModelError",
     "BaseModelSource",
     "CheckpointBase",
+    "ClientLoRAModule",
     "ClientExamples",
     "ConfigBase",
     "FederatedDataModule",

@@ -144,6 +144,29 @@ class FederatedDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._evaluation_loader("test")
 
+    def client_dataloader(
+        self,
+        client: int,
+        split: str = "train",
+        shuffle: bool = False,
+        batch_size: int | None = None,
+    ) -> DataLoader:
+        """One client's examples, e.g. to fine-tune a ``ClientLoRAModule`` on its own data."""
+        self.setup()
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if not 0 <= client < self.num_clients:
+            raise ValueError(f"client must be in [0, {self.num_clients}), got {client}")
+        keys = [(client, i) for i in range(len(getattr(self._clients[client], split)))]
+        return DataLoader(
+            keys,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            collate_fn=lambda batch: collate(
+                [_ClientDataset(self._clients, split)[key] for key in batch]
+            ),
+        )
+
     def _evaluation_loader(self, split: str) -> DataLoader:
         self.setup()
         batches = []

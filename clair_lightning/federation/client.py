@@ -1,0 +1,99 @@
+"""One client's LoRA adapter on a causal LM, as a LightningModule of its own.
+
+The standalone unit: train one client with an ordinary Trainer (local fine-tuning), hand its
+update to an aggregator, load a refined update or a saved adapter back. It shares the task step,
+metrics and factor I/O with ``FederatedLoRAModule``, which holds many clients over one base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from ..core import ClientUpdate
+from .adapters import read_update, write_update
+from .base import BaseModelSource
+from .module import check_target_modules
+from .task import ClientMetrics, completion_step
+
+ADAPTER = "default"
+
+
+class ClientLoRAModule(pl.LightningModule):
+    """A causal LM with one trainable LoRA adapter (new, or loaded from ``adapter_path``)."""
+
+    def __init__(
+        self,
+        base_model: BaseModelSource,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        adapter_path: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["base_model"])
+        base = base_model.build().train()
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        if adapter_path is not None:
+            self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+        else:
+            target_modules = target_modules or ["q_proj", "v_proj"]
+            check_target_modules(base, target_modules)
+            config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=target_modules,
+                bias="none",
+            )
+            self.model = get_peft_model(base, config)
+        self.metrics: dict[str, float] = {}
+        self._metrics = ClientMetrics(1)
+        self._generator = torch.Generator().manual_seed(0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = completion_step(self.model, batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._metrics = ClientMetrics(1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._metrics.update(0, completion_step(self.model, batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self.metrics = self._metrics.compute()[0]
+        self.log_dict({f"val/{name}": value for name, value in self.metrics.items()})
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.metrics = self._metrics.compute()[0]
+        self.log_dict({f"test/{name}": value for name, value in self.metrics.items()})
+
+    def update(self) -> ClientUpdate:
+        """The adapter as an aggregator input: ``{module: (B, A)}``, scaling folded into B."""
+        return read_update(self.model, ADAPTER)
+
+    def load_update(self, update: ClientUpdate) -> dict[str, float]:
+        """Write an aggregated update into the adapter; returns the truncation error per module."""
+        return write_update(self.model, ADAPTER, update, self._generator)
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """Save the adapter in peft format (``PeftModel.from_pretrained(base, directory)``)."""
+        self.model.save_pretrained(str(directory))
