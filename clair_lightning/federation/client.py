@@ -11,12 +11,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from ..core import ClientUpdate
 from .adapters import read_update, write_update
 from .base import BaseModelSource
-from .module import check_target_modules
+from .module import build_lora_model
 from .task import ClientMetrics, completion_step
 
 ADAPTER = "default"
@@ -38,22 +38,15 @@ class ClientLoRAModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["base_model"])
-        base = base_model.build().train()
-        for parameter in base.parameters():
-            parameter.requires_grad_(False)
         if adapter_path is not None:
+            base = base_model.build().train()
+            for parameter in base.parameters():
+                parameter.requires_grad_(False)
             self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
         else:
-            target_modules = target_modules or ["q_proj", "v_proj"]
-            check_target_modules(base, target_modules)
-            config = LoraConfig(
-                r=lora_rank,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                target_modules=target_modules,
-                bias="none",
+            self.model, _ = build_lora_model(
+                base_model, lora_rank, lora_alpha, lora_dropout, target_modules, ADAPTER
             )
-            self.model = get_peft_model(base, config)
         self.metrics: dict[str, float] = {}
         self._metrics = ClientMetrics(1)
         self._generator = torch.Generator().manual_seed(0)

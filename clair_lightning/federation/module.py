@@ -62,19 +62,9 @@ class FederatedLoRAModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["base_model"])
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen base is rebuilt, not stored in checkpoints
-        target_modules = target_modules or ["q_proj", "v_proj"]
-        base = base_model.build().train()  # from_pretrained returns eval mode
-        check_target_modules(base, target_modules)
-        for parameter in base.parameters():
-            parameter.requires_grad_(False)
-        config = LoraConfig(
-            r=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=target_modules,
-            bias="none",
+        self.model, config = build_lora_model(
+            base_model, lora_rank, lora_alpha, lora_dropout, target_modules, adapter_name(0)
         )
-        self.model: PeftModel = get_peft_model(base, config, adapter_name=adapter_name(0))
         for client in range(1, num_clients):
             self.model.add_adapter(adapter_name(client), config)
             copy_adapter(self.model, adapter_name(0), adapter_name(client))
@@ -206,6 +196,30 @@ class FederatedLoRAModule(pl.LightningModule):
         names = [adapter_name(k) for k in range(self.num_clients)]
         self.model.save_pretrained(str(directory), selected_adapters=names)
         return [directory / name for name in names]
+
+
+def build_lora_model(
+    base_model: BaseModelSource,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    target_modules: list[str] | None,
+    adapter: str,
+) -> tuple[PeftModel, LoraConfig]:
+    """The frozen base with one LoRA adapter named ``adapter``, and the adapter's config."""
+    target_modules = target_modules or ["q_proj", "v_proj"]
+    base = base_model.build().train()  # from_pretrained returns eval mode
+    check_target_modules(base, target_modules)
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    config = LoraConfig(
+        r=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
+    return get_peft_model(base, config, adapter_name=adapter), config
 
 
 def check_target_modules(model: torch.nn.Module, target_modules: list[str]) -> None:
