@@ -208,3 +208,33 @@ def test_compare_command_runs_offline_without_a_wandb_account(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert list((tmp_path / "o" / "wandb").glob("offline-run-*"))
+
+
+def test_a_pool_of_workers_gives_the_same_cells_as_one_process(tmp_path):
+    arguments = [
+        "--config",
+        str(CONFIG),
+        "--aggregators",
+        "clair,fedavg",
+        "--contaminations",
+        "random_targets",
+        "--seeds",
+        "0,1",
+        "--no-wandb",
+    ]
+    main([*arguments, "--output", str(tmp_path / "one")])
+    main([*arguments, "--output", str(tmp_path / "pool"), "--workers", "2"])
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    pool = json.loads((tmp_path / "pool" / "results.json").read_text())
+    assert len(one["cells"]) == len(pool["cells"]) == 4
+    for a, b in zip(one["cells"], pool["cells"], strict=True):
+        assert a["cell"] == b["cell"]
+        for client_a, client_b in zip(
+            a["rounds"][-1]["clients"], b["rounds"][-1]["clients"], strict=True
+        ):
+            # Identical decisions; floats equal up to BLAS summation order across processes.
+            assert client_a["flag"] == client_b["flag"]
+            assert client_a["score"] == pytest.approx(client_b["score"], rel=1e-9, abs=1e-12)
+            assert client_a["metrics"]["error"] == pytest.approx(
+                client_b["metrics"]["error"], rel=1e-9
+            )
