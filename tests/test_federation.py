@@ -309,3 +309,22 @@ def test_client_module_trains_alone_and_exchanges_updates_with_the_federation(sm
     saved.load_update(update)
     for name, (b, a) in saved.update().items():
         torch.testing.assert_close(b @ a, update[name][0] @ update[name][1], atol=1e-5, rtol=1e-4)
+
+
+def test_test_subcommand_adds_test_metrics_and_keeps_the_history(smoke_run):
+    code = main(
+        [
+            "test",
+            "--config",
+            SMOKE,
+            "--run.output_dir",
+            str(smoke_run.parent),
+            "--ckpt_path",
+            "last",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert len(summary["test"]["clients"]) == 4
+    assert 0 <= summary["test"]["benign_mean"]["exact_match"] <= 1
