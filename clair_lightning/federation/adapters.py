@@ -40,8 +40,9 @@ def write_update(
 ) -> dict[str, float]:
     """Write an exact update into the adapter at its own rank; return each module's truncation.
 
-    The update is re-factorised to the adapter's rank (best rank-r approximation), then the
-    factor basis is rotated onto the adapter's current factors so the optimizer's
+    Factors already at the adapter's rank are written as given (factor-level rules such as
+    FedIT need one basis across clients). Others are re-factorised to the adapter's rank (best
+    rank-r approximation), then rotated onto the adapter's current factors so the optimizer's
     per-coordinate state keeps matching the parameters (re-factorising without the rotation
     cost 0.08 exact match on the text-copying recipe). Directions of zero singular value would
     be dead under LoRA's gradients (both factors zero), so their ``A`` rows are re-drawn as peft
@@ -57,8 +58,14 @@ def write_update(
         if _same_product(b, a, old_b, lora_a.float()):
             errors[name] = 0.0
             continue
-        factors = refactorize(b, a, lora_a.shape[0])
-        new_b, new_a = align_factors(factors.b, factors.a, old_b)
+        if b.shape[1] == lora_a.shape[0]:
+            # Already at the adapter's rank (e.g. FedIT's averaged factors): write exactly what
+            # the aggregator chose, so factor-level rules see one basis across clients.
+            new_b, new_a, error = b, a, 0.0
+        else:
+            factors = refactorize(b, a, lora_a.shape[0])
+            new_b, new_a = align_factors(factors.b, factors.a, old_b)
+            error = factors.relative_error
         dead = new_b.abs().sum(0) == 0
         if bool(dead.any()):
             bound = 1.0 / lora_a.shape[1] ** 0.5
@@ -67,7 +74,7 @@ def write_update(
             new_a[dead] = (fresh * 2 - 1) * bound
         lora_b.copy_((new_b / scaling).to(lora_b.dtype))
         lora_a.copy_(new_a.to(lora_a.dtype))
-        errors[name] = factors.relative_error
+        errors[name] = error
     return errors
 
 
