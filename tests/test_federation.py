@@ -150,8 +150,16 @@ def test_read_update_folds_the_scaling_and_write_back_keeps_the_product():
         if "client_1" in name:
             assert torch.equal(parameter, before[name]), "an unchanged update must not move"
 
-    doubled = {name: (2 * b, a) for name, (b, a) in update.items()}
+    doubled = {name: (2 * b, a) for name, (b, a) in update.items()}  # already at rank 3
     write_update(module.model, "client_1", doubled, generator)
+    for name, layer in lora_layers(module.model).items():
+        written_b = layer.lora_B["client_1"].weight * layer.scaling["client_1"]
+        torch.testing.assert_close(written_b, doubled[name][0])  # as given: one basis
+        torch.testing.assert_close(layer.lora_A["client_1"].weight, doubled[name][1])
+
+    wider = {name: (torch.cat([b, b], 1), torch.cat([a, a], 0)) for name, (b, a) in update.items()}
+    errors = write_update(module.model, "client_1", wider, generator)  # rank 6 -> re-factorised
+    assert max(errors.values()) < 1e-5  # the product (= 2 B A) has rank 3: nothing truncated
     for name, layer in lora_layers(module.model).items():
         torch.testing.assert_close(
             layer.get_delta_weight("client_1"),
