@@ -235,7 +235,8 @@ def readme_table(results: dict) -> str:
     scenarios = contaminated or results["grid"]["contaminations"]
     groups = {(g["aggregator"], g["contamination"]): g for g in results["groups"]}
     lines = [
-        f"| recipe | aggregator | benign {metric} | detection F1 | runtime per run (s) |",
+        f"| recipe | aggregator | benign {metric} | detection F1 (all rounds) "
+        "| runtime per run (s) |",
         "|---|---|---|---|---|",
     ]
     for aggregator in results["grid"]["aggregators"]:
@@ -249,8 +250,9 @@ def readme_table(results: dict) -> str:
             f"{_mean([row['runtime_seconds'] for row in rows]):.1f} |"
         )
     return "\n".join(lines) + (
-        f"\n\nBenign {metric} and F1 averaged over {', '.join(scenarios)} and "
-        f"{len(results['grid']['seeds'])} seeds.\n"
+        f"\n\nBenign {metric} after the last round and detection F1 over all rounds, averaged "
+        f"over {', '.join(scenarios)} and {len(results['grid']['seeds'])} seeds; runtime is "
+        "wall-clock per run on the machine that ran the grid.\n"
     )
 
 
