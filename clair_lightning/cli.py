@@ -33,6 +33,12 @@ class ClairCLI(LightningCLI):
     """LightningCLI with the aggregation as its own section and a run folder per run."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True):
+        with warnings.catch_warnings():
+            # Explicit arguments are intended (from `run()` or `main(argv)`); argv is unrelated.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            self._init(args, run)
+
+    def _init(self, args: Sequence[str] | None, run: bool) -> None:
         super().__init__(
             FederatedLoRAModule,
             FederatedDataModule,
@@ -138,10 +144,7 @@ class ClairCLI(LightningCLI):
 def run(config: str | Path, overrides: Sequence[str] = (), subcommand: str = "fit") -> Path:
     """Run one federated experiment from Python; returns its run folder."""
     os.environ.setdefault("WANDB_MODE", "offline")
-    with warnings.catch_warnings():
-        # The arguments are given explicitly on purpose; the caller's own argv is unrelated.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = ClairCLI(args=[subcommand, "--config", str(config), *overrides])
+    cli = ClairCLI(args=[subcommand, "--config", str(config), *overrides])
     return Path(cli.trainer.default_root_dir)
 
 
