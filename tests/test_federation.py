@@ -281,7 +281,7 @@ def test_existing_run_folder_is_not_overwritten_silently(smoke_run, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_client_module_trains_alone_and_exchanges_updates_with_the_federation(smoke_run):
+def test_client_module_trains_alone_and_exchanges_updates_with_the_federation(smoke_run, tmp_path):
     import lightning.pytorch as pl
 
     from clair_lightning.federation import ClientLoRAModule
@@ -311,6 +311,11 @@ def test_client_module_trains_alone_and_exchanges_updates_with_the_federation(sm
     summary = json.loads((smoke_run / "summary.json").read_text())
     expected = summary["rounds"][-1]["clients"][2]["metrics"]
     assert saved.metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+    client.save_adapter(tmp_path / "client_1")
+    reloaded = ClientLoRAModule(base, adapter_path=str(tmp_path / "client_1"))
+    for name, (b, a) in reloaded.update().items():
+        torch.testing.assert_close(b @ a, client.update()[name][0] @ client.update()[name][1])
 
     update = client.update()
     assert set(update) == set(saved.update())

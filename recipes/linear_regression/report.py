@@ -186,6 +186,7 @@ def plots(results: dict, output: Path) -> list[Path]:
         ylim=(-0.05, 1.05),
         title="Consistency of the collaborative set",
     )
+    _label_points(axis, xs)
     axis.legend()
     save(figure, "consistency.png")
 
@@ -201,7 +202,7 @@ def plots(results: dict, output: Path) -> list[Path]:
                 xs,
                 [stats[(aggregator, x)][0] for x in xs],
                 marker="o",
-                label=aggregator,
+                label="oracle (benign FedAvg)" if aggregator == "oracle" else aggregator,
                 linewidth=2.5 if aggregator == "clair" else 1.2,
             )
         axis.set(
@@ -211,6 +212,7 @@ def plots(results: dict, output: Path) -> list[Path]:
             ylabel="benign relative error ‖Θ̃ − Θ‖/‖Θ‖",
             title="Refinement vs baselines",
         )
+        _label_points(axis, sorted({x for _, x in stats}))
         axis.legend(fontsize=7, ncol=2)
         save(figure, f"{key}.png")
 
