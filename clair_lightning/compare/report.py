@@ -296,7 +296,7 @@ def _benign_bars(results: dict, path: Path) -> Path:
     axis.set_xticklabels(grid["contaminations"], rotation=15)
     axis.set_ylabel(f"benign {results['task']['metric']}")
     axis.set_title(f"{results['recipe']}: benign clients after the last round")
-    axis.legend(fontsize=7, ncol=3)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(figure, path)
 
 
