@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..core.aggregators import NEEDS_TRUTH, aggregate
 from ..federation.adapters import read_update, write_update
 from ..federation.data import FederatedDataModule
 from ..federation.module import FederatedLoRAModule, adapter_name
+from ..jsonio import json_safe, write_json
 from ..metrics import detection_metrics
 from .detection_metrics import log_round
 
@@ -142,7 +142,7 @@ class FederatedAggregation(pl.Callback):
             "score_components": {
                 k: [float(x) for x in v] for k, v in result.score_components.items()
             },
-            "diagnostics": _json_safe(result.diagnostics),
+            "diagnostics": json_safe(result.diagnostics),
             "truncation_error": truncation,
             "aggregation_seconds": seconds,
         }
@@ -217,9 +217,7 @@ class FederatedAggregation(pl.Callback):
         }
         if test_metrics:
             summary["test"] = _with_benign_mean(test_metrics, datamodule.contaminated)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(_json_safe(summary), indent=1))
-        os.replace(temporary, path)
+        write_json(path, summary)
 
 
 def round_record(pending: dict, truth: list[bool], client_metrics: list[dict]) -> dict:
@@ -265,15 +263,3 @@ def _benign_mean(client_metrics: list[dict], truth: list[bool]) -> dict[str, flo
 
 def _with_benign_mean(client_metrics: list[dict], truth: list[bool]) -> dict:
     return {"clients": client_metrics, "benign_mean": _benign_mean(client_metrics, truth)}
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else ("inf" if value > 0 else None)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    return value

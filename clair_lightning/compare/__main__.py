@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..jsonio import write_json
 from . import report
 from .runner import run_comparison
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     results = report.build_results(comparison)
     command = "clair compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    report.write_json(results, args.output / "results.json")
+    write_json(args.output / "results.json", results)
     (args.output / "report.md").write_text(report.markdown(results, command))
     table = report.readme_table(results)
     (args.output / "readme_table.md").write_text(table)

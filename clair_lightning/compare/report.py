@@ -6,8 +6,6 @@ and README table cannot disagree with ``results.json``.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import statistics
 from collections import defaultdict
@@ -407,20 +405,6 @@ def log_to_wandb(
         }
     )
     run.finish()
-
-
-def write_json(results: dict, path: Path) -> None:
-    path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _cell_key(cell: dict) -> str:

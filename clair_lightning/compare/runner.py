@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -11,6 +10,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ..jsonio import write_json
 from .backends import Backend, backend_for, check_aggregators
 from .grid import Cell, expand_grid
 
@@ -63,7 +63,7 @@ def run_comparison(
     def finished(cell: Cell, result: dict) -> None:
         nonlocal done
         done += 1
-        _write_atomically(cells_dir / f"{cell.key}.json", result)
+        write_json(cells_dir / f"{cell.key}.json", result)
         records[cell.key] = result
         elapsed = time.perf_counter() - started
         remaining = elapsed / done * (len(pending) - done)
@@ -107,9 +107,3 @@ def _load(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _write_atomically(path: Path, payload: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    os.replace(temporary, path)

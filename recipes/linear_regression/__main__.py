@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from ...jsonio import write_json
 from . import experiments, report
 
 FULL = {
@@ -59,7 +60,7 @@ def run(output: Path, grid: dict) -> dict:
     command = "python -m clair_lightning.recipes.linear_regression" + (
         " --quick" if grid is QUICK else ""
     )
-    report.write_json(results, output / "results.json")
+    write_json(output / "results.json", results)
     (output / "results.md").write_text(report.markdown(results, verdicts, command))
     report.plots(results, output)
     return results

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -238,13 +236,3 @@ def _label_points(axis, xs: list) -> None:
     axis.minorticks_off()
     axis.set_xticks(xs)
     axis.set_xticklabels([f"{x:g}" for x in xs])
-
-
-def write_json(results: dict, path: Path) -> None:
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    payload = json.loads(json.dumps(results, default=str), parse_constant=lambda _: None)
-    path.write_text(json.dumps(payload, indent=1, default=clean) + "\n")
