@@ -51,13 +51,13 @@ def detection_metrics(
         metrics["recall"] = float(binary_recall(predicted, target))
         metrics["f1"] = float(binary_f1_score(predicted, target, zero_division=0))
     if positives and negatives and scores is not None:
-        ranked = _unit_interval(scores)
+        ranked = unit_interval_scores(scores)
         metrics["auroc"] = float(binary_auroc(ranked, target))
         metrics["average_precision"] = float(binary_average_precision(ranked, target))
     return metrics
 
 
-def _unit_interval(scores: Sequence[float]) -> torch.Tensor:
+def unit_interval_scores(scores: Sequence[float | str]) -> torch.Tensor:
     """Monotone map of scores into [0, 1] (``inf`` → 1), so torchmetrics neither applies a
     sigmoid nor saturates distinct large scores into ties."""
     values = torch.tensor([float(s) for s in scores], dtype=torch.float64)

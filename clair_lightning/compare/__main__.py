@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             log_cells=comparison["recipe"] == "linear_regression",
         )
     if args.update_readme:
-        report.update_readme(args.update_readme, results["recipe"], table)
+        report.update_readme(args.update_readme, f"compare:{results['recipe']}", table)
     print((args.output / "report.md").read_text())
     failed = [v for v in results["claims"] if v["holds"] is False]
     for verdict in failed:

@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_roc  # noqa: E402
 
-from ..metrics import detection_metrics  # noqa: E402
-from .grid import NO_CONTAMINATION  # noqa: E402
+from ..metrics import detection_metrics, unit_interval_scores  # noqa: E402
+from .grid import NO_CONTAMINATION, Cell  # noqa: E402
 
 ROBUST_BASELINES = ("median", "trimmed_mean", "krum", "multikrum", "geomedian")
 DETECTION_NAMES = ("precision", "recall", "f1", "auroc", "fpr")
@@ -254,10 +254,10 @@ def readme_table(results: dict) -> str:
     )
 
 
-def update_readme(readme: Path, recipe: str, table: str) -> None:
-    """Replace (or append) the generated block for ``recipe`` in a README."""
-    start, end = f"<!-- compare:{recipe}:start -->", f"<!-- compare:{recipe}:end -->"
-    block = f"{start}\n{table}{end}"
+def update_readme(readme: Path, block_name: str, text: str) -> None:
+    """Replace (or append) the generated block ``<!-- block_name:start/end -->`` in a README."""
+    start, end = f"<!-- {block_name}:start -->", f"<!-- {block_name}:end -->"
+    block = f"{start}\n{text}{end}"
     text = readme.read_text() if readme.exists() else ""
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text}\n{block}\n"
@@ -343,13 +343,11 @@ def _roc_curves(results: dict, path: Path) -> Path:
                 and cell["cell"]["contamination"] == contamination
             ):
                 for r in cell["rounds"]:
-                    scores += [_finite(c["score"]) for c in r["clients"]]
+                    scores += [float(c["score"]) for c in r["clients"]]
                     truth += [int(c["contaminated"]) for c in r["clients"]]
         if not any(truth) or all(truth):
             continue
-        values = torch.tensor(scores, dtype=torch.float64)
-        ranked = (values - values.min()) / (values.max() - values.min() + 1e-12)
-        fpr, tpr, _ = binary_roc(ranked.float(), torch.tensor(truth))
+        fpr, tpr, _ = binary_roc(unit_interval_scores(scores), torch.tensor(truth))
         axis.plot(fpr.numpy(), tpr.numpy(), label=contamination)
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--")
     axis.set(
@@ -374,7 +372,7 @@ def log_to_wandb(
             run = wandb.init(
                 project=project,
                 group=group,
-                name=_cell_key(cell),
+                name=Cell(**cell["cell"]).key,
                 dir=directory,
                 config=cell["cell"],
                 reinit="finish_previous",
@@ -405,11 +403,6 @@ def log_to_wandb(
         }
     )
     run.finish()
-
-
-def _cell_key(cell: dict) -> str:
-    c = cell["cell"]
-    return f"{c['aggregator']}__{c['contamination']}__seed{c['seed']}"
 
 
 def _save(figure, path: Path) -> Path:

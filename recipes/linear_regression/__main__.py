@@ -6,11 +6,11 @@ python -m clair_lightning.recipes.linear_regression --output runs/linear_regress
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 
+from ...compare.report import update_readme
 from ...jsonio import write_json
 from . import experiments, report
 
@@ -29,7 +29,6 @@ QUICK = {
     "heterogeneity": [0.0, 1.6],
 }
 README = Path(__file__).with_name("README.md")
-TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def run(output: Path, grid: dict) -> dict:
@@ -66,14 +65,6 @@ def run(output: Path, grid: dict) -> dict:
     return results
 
 
-def update_readme(markdown: str) -> None:
-    """Replace the generated block of the recipe README with the new results."""
-    text = README.read_text()
-    block = f"{TABLE_START}\n{markdown}{TABLE_END}"
-    pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.DOTALL)
-    README.write_text(pattern.sub(lambda _: block, text))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/linear_regression"))
@@ -88,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = (args.output / "results.md").read_text()
     print(markdown)
     if args.update_readme:
-        update_readme(markdown)
+        update_readme(README, "results", markdown)
     failed = [v["claim"] for v in results["claims"] if v["holds"] is False]
     if failed:
         print("Claims that did not hold: " + "; ".join(failed), file=sys.stderr)
