@@ -211,7 +211,7 @@ def test_a_little_is_enough_shifts_the_benign_mean_by_z_standard_deviations():
     attacked = _attack(updates, "a_little_is_enough", z=0.7)
     for name in updates[0]:
         benign = _benign_products(updates, name)
-        expected = benign.mean(0) + 0.7 * benign.std(0)
+        expected = benign.mean(0) - 0.7 * benign.std(0)
         for k in ATTACKERS:
             torch.testing.assert_close(_product(attacked[k], name), expected)
 
@@ -222,7 +222,7 @@ def test_a_little_is_enough_default_z_and_truncation():
     attacked = _attack(updates, "a_little_is_enough")
     for name in updates[0]:
         benign = _benign_products(updates, name)
-        dense = benign.mean(0) + z * benign.std(0)
+        dense = benign.mean(0) - z * benign.std(0)
         for k in ATTACKERS:
             torch.testing.assert_close(_product(attacked[k], name), _best_rank(dense, RANKS[k]))
 

@@ -8,7 +8,9 @@ approximation), so every malicious message keeps its original shapes, rank and d
 Where an attack lives relative to the benign column subspace decides which detector can see it:
 ``gaussian``, ``partial_off_subspace`` and ``rank1_off_subspace`` leave it; ``sign_flip``,
 ``scaling``, ``inner_product_manipulation`` and ``adaptive_in_subspace`` stay inside it;
-``a_little_is_enough`` is mostly inside with a small coordinate-wise excursion.
+``a_little_is_enough``, ``min_max_*`` and ``min_sum_*`` are mostly inside with a small
+coordinate-wise excursion. ALIE, Min-Max, Min-Sum and IPM attackers collude as published: every
+attacker sends the same message. ``mimic`` copies one benign client.
 """
 
 from __future__ import annotations
@@ -323,10 +325,137 @@ def _inner_product_manipulation(
     return crafted
 
 
+def _inner_product_manipulation_large(
+    attack_round: AttackRound, *, epsilon: float = 10.0
+) -> dict[int, ClientUpdate]:
+    """IPM with a large ε (Xie et al.'s ε ≫ 1 setting; 10 here): ``−ε · mean(benign)``.
+
+    Large enough that FedAvg's output points against the benign mean for any attacker share
+    above 1/11; a norm test sees it, a distance filter easily.
+    """
+    return _inner_product_manipulation(attack_round, epsilon=epsilon)
+
+
+Perturbation = Literal["std", "unit_vector"]
+
+
+def _min_max_std(attack_round: AttackRound, *, gamma_init: float = 10.0) -> dict[int, ClientUpdate]:
+    """Min-Max (Shejwalkar & Houmansadr, NDSS 2021) with the ``−std`` perturbation.
+
+    ``mean − γ·std`` with the largest γ whose distance to every benign update stays within the
+    largest benign pairwise distance; see ``_optimised_shift``.
+    """
+    return _optimised_shift(attack_round, "min_max", "std", gamma_init)
+
+
+def _min_max_unit_vector(
+    attack_round: AttackRound, *, gamma_init: float = 10.0
+) -> dict[int, ClientUpdate]:
+    """Min-Max with the inverse unit-vector perturbation ``−mean / ‖mean‖``."""
+    return _optimised_shift(attack_round, "min_max", "unit_vector", gamma_init)
+
+
+def _min_sum_std(attack_round: AttackRound, *, gamma_init: float = 10.0) -> dict[int, ClientUpdate]:
+    """Min-Sum (Shejwalkar & Houmansadr, NDSS 2021) with the ``−std`` perturbation.
+
+    ``mean − γ·std`` with the largest γ whose summed squared distance to the benign updates
+    stays within the largest such sum of any benign update.
+    """
+    return _optimised_shift(attack_round, "min_sum", "std", gamma_init)
+
+
+def _min_sum_unit_vector(
+    attack_round: AttackRound, *, gamma_init: float = 10.0
+) -> dict[int, ClientUpdate]:
+    """Min-Sum with the inverse unit-vector perturbation ``−mean / ‖mean‖``."""
+    return _optimised_shift(attack_round, "min_sum", "unit_vector", gamma_init)
+
+
+def _optimised_shift(
+    attack_round: AttackRound,
+    objective: Literal["min_max", "min_sum"],
+    perturbation: Perturbation,
+    gamma_init: float,
+    tolerance: float = 1e-5,
+) -> dict[int, ClientUpdate]:
+    """Shejwalkar & Houmansadr's AGR-agnostic attacks: ``mean − γ·p`` for the largest safe γ.
+
+    The update is the whole model (every module flattened together) and ``p`` is the benign
+    coordinate-wise ``std`` or ``mean / ‖mean‖`` (the paper's third, ``sign``, behaves like
+    ``std``). γ is found by the paper's
+    search: start at ``gamma_init``, move by halving steps up after a success and down after a
+    failure until the step is below ``tolerance``. Every attacker sends the same message,
+    truncated to its rank. Dense products are formed (simulation only).
+    """
+    if not (math.isfinite(gamma_init) and gamma_init > 0):
+        raise ValueError(f"{objective}: gamma_init must be positive and finite, got {gamma_init}")
+    attack_round.require_benign(objective, minimum=2)
+    names = attack_round.validated.module_names
+    benign = torch.cat(
+        [
+            torch.stack(
+                [b @ a for b, a in (attack_round.factors(k, n) for k in attack_round.benign)]
+            )
+            .flatten(1)
+            .to(torch.float64)
+            for n in names
+        ],
+        dim=1,
+    )
+    mean = benign.mean(0)
+    if perturbation == "std":
+        direction = benign.std(0)
+    else:
+        direction = mean / mean.norm().clamp_min(1e-300)
+    pairwise = torch.cdist(benign, benign).square()
+    if objective == "min_max":
+        bound = float(pairwise.max())
+    else:
+        bound = float(pairwise.sum(1).max())
+
+    def safe(gamma: float) -> bool:
+        distances = (benign - (mean - gamma * direction)).square().sum(1)
+        return float(distances.max() if objective == "min_max" else distances.sum()) <= bound
+
+    gamma, step, succeeded = gamma_init, gamma_init, 0.0
+    while abs(succeeded - gamma) > tolerance:
+        if safe(gamma):
+            succeeded = gamma
+            gamma = gamma + step / 2
+        else:
+            gamma = gamma - step / 2
+        step = step / 2
+    shifted = (mean - succeeded * direction).to(attack_round.validated.dtype)
+    crafted: dict[int, ClientUpdate] = {k: {} for k in attack_round.attackers}
+    offset = 0
+    for name in names:
+        d_out, d_in = attack_round.validated.shapes[name]
+        dense = shifted[offset : offset + d_out * d_in].reshape(d_out, d_in)
+        offset += d_out * d_in
+        identity = torch.eye(d_in, dtype=dense.dtype, device=dense.device)
+        for k, factors in _shared_message(attack_round, name, dense, identity).items():
+            crafted[k][name] = factors
+    return crafted
+
+
+def _mimic(attack_round: AttackRound, *, victim: int | None = None) -> dict[int, ClientUpdate]:
+    """Mimic (Karimireddy, He, Jaggi, ICLR 2022): every attacker sends one benign client's update.
+
+    ``victim`` defaults to the first benign client. The copies are genuine benign updates: they
+    over-weight one client in any average but carry nothing a detector could call malicious.
+    """
+    attack_round.require_benign("mimic")
+    victim = attack_round.benign[0] if victim is None else victim
+    if victim not in attack_round.benign:
+        raise ValueError(f"mimic: victim must be a benign client, got {victim!r}")
+    copied = attack_round.validated.updates[victim]
+    return {k: dict(copied) for k in attack_round.attackers}
+
+
 def _a_little_is_enough(
     attack_round: AttackRound, *, z: float | None = None
 ) -> dict[int, ClientUpdate]:
-    """ "A little is enough" (Baruch et al. 2019): coordinate-wise ``mean + z · std`` of benign.
+    """ "A little is enough" (Baruch et al. 2019): coordinate-wise ``mean − z · std`` of benign.
 
     ``std`` is the unbiased per-coordinate standard deviation of the benign dense products
     (formed a block of rows at a time). ``z`` defaults to ``a_little_is_enough_z(K, f)`` with K
@@ -345,7 +474,7 @@ def _a_little_is_enough(
         factors = [attack_round.factors(k, name) for k in attack_round.benign]
         for rows, products in product_row_blocks(factors):
             spread, centre = torch.std_mean(products, dim=0)
-            shifted[rows] = centre + z * spread
+            shifted[rows] = centre - z * spread
         identity = torch.eye(d_in, dtype=validated.dtype, device=validated.device)
         for k, factors in _shared_message(attack_round, name, shifted, identity).items():
             crafted[k][name] = factors
@@ -414,7 +543,13 @@ ATTACKS: dict[str, Attack] = {
     "sign_flip": _sign_flip,
     "scaling": _scaling,
     "inner_product_manipulation": _inner_product_manipulation,
+    "inner_product_manipulation_large": _inner_product_manipulation_large,
     "a_little_is_enough": _a_little_is_enough,
+    "min_max_std": _min_max_std,
+    "min_max_unit_vector": _min_max_unit_vector,
+    "min_sum_std": _min_sum_std,
+    "min_sum_unit_vector": _min_sum_unit_vector,
+    "mimic": _mimic,
     "adaptive_in_subspace": _adaptive_in_subspace,
     "nonfinite": _nonfinite,
 }
