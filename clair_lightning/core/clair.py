@@ -92,6 +92,8 @@ def clair_aggregate(
     _check_options(checks, flagged_policy, threshold)
     timer = _StepTimer()
     validated = validate_updates(updates, weights, nonfinite=nonfinite)
+    if validated.unmoved:
+        return _unmoved_result(validated)
     clients = validated.included
     generator = torch.Generator(device=validated.device).manual_seed(seed)
     timer.lap("validate")
@@ -189,6 +191,30 @@ def clair_aggregate(
             "formulation": formulation,
             "seconds": timer.laps,
         },
+    )
+
+
+def _unmoved_result(validated: ValidatedUpdates) -> AggregationResult:
+    """No included client moved: nothing to detect, nobody flagged, everyone keeps ``ΔW = 0``.
+
+    Excluded clients are flagged as always and receive the consensus, which is zero too.
+    """
+    included = set(validated.included)
+    zero = validated.updates[validated.included[0]]
+    return AggregationResult(
+        refined=RefinedUpdates(
+            validated.num_clients,
+            lambda k: validated.updates[k] if k in included else zero,
+        ),
+        contaminated=[k not in included for k in range(validated.num_clients)],
+        scores=[0.0 if k in included else float("inf") for k in range(validated.num_clients)],
+        subspaces={
+            name: torch.zeros(d_out, 0, dtype=validated.dtype, device=validated.device)
+            for name, (d_out, _) in validated.shapes.items()
+        },
+        excluded=validated.excluded,
+        score_components={},
+        diagnostics={"unmoved": True, "collaborative_set": sorted(included)},
     )
 
 

@@ -58,8 +58,10 @@ def compress_module(validated: ValidatedUpdates, name: str, clients: list[int]) 
         torch.arange(len(widths), device=stacked.device),
         torch.tensor(widths, device=stacked.device),
     )
+    # Squares in float64: a float32 block of norm 1e19 (a scaled client) would overflow.
     squared = torch.zeros(len(widths), dtype=torch.float64, device=stacked.device)
-    squared.index_add_(0, owner, stacked_t.square().sum(1).to(torch.float64))
+    row_norms = torch.linalg.vector_norm(stacked_t, dim=1, dtype=torch.float64)
+    squared.index_add_(0, owner, row_norms.square())
     norms = squared.sqrt().to(stacked.dtype)
     return CompressedModule(name, list(clients), stacked, blocks, norms, owner)
 
@@ -123,17 +125,18 @@ def stacking_core(module: CompressedModule) -> StackingCore:
 
     A stacking with at most half as many rows as columns is used directly instead.
 
-    Scaling columns commutes with Cholesky (``chol(D⁻¹GD⁻¹) = chol(G)·D⁻¹``), so the Gram of the
-    raw stacking is rescaled instead of copying the stacking. A rank-deficient or badly
-    conditioned Gram (noiseless updates) falls back to an eigendecomposition that drops the
-    numerical null space; the core then has fewer rows than columns.
+    The blocks are normalised before the Gram is formed, so the core does not depend on the
+    clients' scale (a float32 block of norm 1e19 would overflow in a raw Gram). A rank-deficient
+    or badly conditioned Gram (noiseless updates) falls back to an eigendecomposition that drops
+    the numerical null space; the core then has fewer rows than columns, none when no client
+    moved this module.
     """
     stacked = module.stacked
     inverse_norms = 1.0 / module.norms.clamp_min(1e-30)[module.block_owner].to(stacked.dtype)
     if stacked.shape[0] <= stacked.shape[1] // 2:
         # Short and wide (e.g. dense estimates with A = I): the stacking is its own core.
         return StackingCore.from_matrix((stacked * inverse_norms).contiguous())
-    gram = _symmetric_gram(module.stacked.T) * inverse_norms[:, None] * inverse_norms[None, :]
+    gram = _symmetric_gram(module.stacked.T * inverse_norms[:, None])
     normalised = _LazyScaled(stacked, inverse_norms)
     floor = numerical_floor(stacked.dtype)
     factor, info = torch.linalg.cholesky_ex(gram, upper=True)
@@ -155,7 +158,7 @@ def stacking_core(module: CompressedModule) -> StackingCore:
     return StackingCore(
         (roots[:, None] * vectors.T).contiguous(),
         float(roots.sum()),
-        float(roots.max()),
+        float(roots.max()) if len(roots) else 0.0,
         normalised,
         _cholesky=False,
         _eigenvectors=vectors,

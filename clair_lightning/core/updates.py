@@ -3,10 +3,18 @@
 A client's update maps a module name to its LoRA factors ``(B, A)`` with ``ΔW = B @ A``
 (the LoRA scaling ``alpha / r`` already folded into ``B``). Ranks may differ across clients;
 ``d_out`` and ``d_in`` of a module may not.
+
+Magnitudes are data, not crashes: every client's norm ``‖ΔW‖_F`` is measured scale-free (in
+float64, on factors normalised first, so a float32 ``‖B‖ ≈ 1e19`` does not overflow), and a
+client more than ``ABSURD_NORM_RATIO`` times the median non-zero norm is left out with that
+reason (no aggregator can use it: its square alone overflows float32 for a 1e20 scaling, and
+it would swamp any average). A client with ``ΔW = 0`` (LoRA's ``B = 0`` at initialisation) is
+kept: it is a valid update that did not move.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +25,10 @@ from torch import Tensor
 LoraFactors = tuple[Tensor, Tensor]
 ClientUpdate = dict[str, LoraFactors]
 NonFinitePolicy = Literal["raise", "exclude"]
+
+# Far beyond any benign spread (CLAIR's norm check already flags 3x off the median), far below
+# the 1e19 at which float32 squares overflow when the median norm is about one.
+ABSURD_NORM_RATIO = 1e6
 
 
 class UpdateValidationError(ValueError):
@@ -29,7 +41,8 @@ class ValidatedUpdates:
 
     ``included`` lists the clients that take part in aggregation; ``excluded`` maps every other
     client to the reason it was left out. ``weights`` sums to one over ``included`` and is zero
-    elsewhere. Factors of included clients are cast to ``dtype`` on ``device``.
+    elsewhere. Factors of included clients are cast to ``dtype`` on ``device``. ``norms`` holds
+    every client's ``‖ΔW‖_F`` over all modules (float64; ``nan`` for non-finite updates).
     """
 
     updates: list[ClientUpdate]
@@ -40,10 +53,16 @@ class ValidatedUpdates:
     excluded: dict[int, str]
     dtype: torch.dtype
     device: torch.device
+    norms: Tensor
 
     @property
     def num_clients(self) -> int:
         return len(self.updates)
+
+    @property
+    def unmoved(self) -> bool:
+        """No included client moved (every ``ΔW = 0``, e.g. all adapters still at their init)."""
+        return bool((self.norms[self.included] == 0).all())
 
     def ranks(self, module: str) -> list[int]:
         """LoRA rank of each included client for one module."""
@@ -66,7 +85,8 @@ def validate_updates(
 
     Structural problems always raise ``UpdateValidationError`` naming the client and module.
     Non-finite factors raise too, unless ``nonfinite="exclude"``: then the client is left out
-    and reported in ``excluded``.
+    and reported in ``excluded``. A client whose norm is absurd (more than
+    ``ABSURD_NORM_RATIO`` times the median) is always left out and reported.
     """
     if nonfinite not in ("raise", "exclude"):
         raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
@@ -96,6 +116,13 @@ def validate_updates(
         if nonfinite == "raise":
             raise UpdateValidationError(f"client {client}: {problem}")
         excluded[client] = problem
+
+    norms = torch.tensor(
+        [math.nan if k in excluded else update_norm(u) for k, u in enumerate(checked)],
+        dtype=torch.float64,
+    )
+    excluded.update(_absurd_norms(norms, excluded))
+    excluded = dict(sorted(excluded.items()))
 
     included = [k for k in range(len(checked)) if k not in excluded]
     if len(included) < min_clients:
@@ -129,7 +156,47 @@ def validate_updates(
         excluded=excluded,
         dtype=dtype,
         device=device,
+        norms=norms,
     )
+
+
+def update_norm(update: Mapping[str, Sequence[Tensor]]) -> float:
+    """``‖ΔW‖_F`` over all modules without forming ``B A`` and without overflow.
+
+    Each factor is divided by its largest entry first and the rest is computed in float64 from
+    the ``r x r`` Grams: ``‖B A‖² = tr(BᵀB · AAᵀ)``.
+    """
+    log_squares = []
+    for b, a in update.values():
+        b_scale = float(b.detach().abs().max())
+        a_scale = float(a.detach().abs().max())
+        if b_scale == 0 or a_scale == 0:
+            continue
+        b_unit = b.detach().to(torch.float64) / b_scale
+        a_unit = a.detach().to(torch.float64) / a_scale
+        trace = float(((b_unit.T @ b_unit) * (a_unit @ a_unit.T)).sum())
+        if trace > 0:
+            log_squares.append(2 * math.log(b_scale) + 2 * math.log(a_scale) + math.log(trace))
+    if not log_squares:
+        return 0.0
+    largest = max(log_squares)
+    return math.exp(0.5 * (largest + math.log(sum(math.exp(x - largest) for x in log_squares))))
+
+
+def _absurd_norms(norms: Tensor, excluded: dict[int, str]) -> dict[int, str]:
+    """Clients whose norm is more than ``ABSURD_NORM_RATIO`` times the median non-zero norm."""
+    moved = [k for k in range(len(norms)) if k not in excluded and norms[k] > 0]
+    if len(moved) < 2:
+        return {}
+    median = float(norms[moved].median())
+    return {
+        k: (
+            f"update norm {float(norms[k]):.3g} is {float(norms[k]) / median:.2g} times the "
+            f"median client's {median:.3g} (more than {ABSURD_NORM_RATIO:g}): not plausible"
+        )
+        for k in moved
+        if norms[k] > ABSURD_NORM_RATIO * median
+    }
 
 
 def _module_names(updates: Sequence[Mapping[str, Sequence[Tensor]]]) -> tuple[str, ...]:
