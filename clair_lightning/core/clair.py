@@ -21,16 +21,18 @@ from .compression import (
     stacking_core,
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
-from .detection import direction_distance, robust_z
+from .detection import centre_distance, direction_distance, near_duplicate_groups, robust_z
+from .gram import product_gram
 from .refinement import ModuleRefinement, consensus, module_refinement, refine
 from .result import AggregationResult, RefinedUpdates
 from .subspace import RankRule, choose_rank, leading_left_singular
 from .updates import ClientUpdate, NonFinitePolicy, ValidatedUpdates, validate_updates
 
 FlaggedPolicy = Literal["own", "consensus"]
-Check = Literal["off_subspace", "direction", "norm"]
-CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm")
+Check = Literal["off_subspace", "direction", "norm", "collusion"]
+CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion")
 _MAX_DETECTION_ROUNDS = 5
+_CLEAN_SHARE = 1e-3
 
 
 def clair_aggregate(
@@ -47,6 +49,8 @@ def clair_aggregate(
     off_subspace_floor: float = 0.02,
     direction_floor: float = 0.075,
     norm_floor: float = 0.25,
+    collusion_floor: float = 0.5,
+    typical_floor: float = 0.1,
     subspace_rank: RankRule = "gap",
     max_subspace_rank: int | None = None,
     flagged_policy: FlaggedPolicy = "own",
@@ -68,11 +72,17 @@ def clair_aggregate(
             heterogeneity, 0.72 → 0.53).
         checks: statistics that may flag: ``off_subspace`` (share of the update outside the
             shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
-            in-subspace coefficients), ``norm`` (log of the update norm, two-sided).
+            in-subspace coefficients), ``norm`` (log of the update norm, two-sided),
+            ``collusion`` (a group of at least three near-identical clients, flagged only when
+            measured against everyone else it also leaves their subspace or is too typical).
         off_subspace_floor, direction_floor, norm_floor: smallest scale of each robust z-score,
             so near-identical benign clients are not flagged for tiny deviations: with the
             default threshold a direction flag needs a cosine at least 0.34 below the typical
             client's, a norm flag a norm at least 3x off the median.
+        collusion_floor: smallest scale (log units) of the closeness z-score: a group needs
+            second-nearest neighbours about 10x closer than the typical client's.
+        typical_floor: smallest scale (log units) of the "too typical" z-score of a group's
+            distance to the robust centre of the others.
         subspace_rank: ``"gap"`` (largest ratio of consecutive singular values, default: it
             stays right under noise), ``"decomposition"`` (rank of the recovered low-rank part),
             ``"energy"`` or a fixed int; capped by ``max_subspace_rank`` (default
@@ -134,9 +144,26 @@ def clair_aggregate(
     direction_z = robust_z(direction, reference, direction_floor)
     norm_z = robust_z(log_norm, reference, norm_floor)
     statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
-    scores = torch.stack([statistics[check] for check in checks]).max(dim=0).values
     flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
     flags = flags | ("direction" in checks) & (direction_z > threshold)
+    module_scales = {
+        module.name: float(module.norms.median().clamp_min(1e-30)) for module in modules
+    }
+    products = product_gram(validated, clients, module_scales)
+    closeness_z, groups = near_duplicate_groups(products, threshold, collusion_floor)
+    group_z = torch.zeros_like(closeness_z)
+    for group in groups:
+        group_z[group] = _group_evidence(
+            subspace_estimator,
+            products,
+            group,
+            ~flags,
+            client_weights,
+            (off_subspace_floor, typical_floor),
+        )
+    statistics["collusion"] = group_z
+    scores = torch.stack([statistics[check] for check in checks]).max(dim=0).values
+    flags = flags | ("collusion" in checks) & (group_z > threshold)
     timer.lap("detect")
 
     collaborative = ~flags
@@ -160,6 +187,8 @@ def clair_aggregate(
         "direction_z": direction_z,
         "log_relative_norm": log_norm,
         "norm_z": norm_z,
+        "closeness_z": closeness_z,
+        "collusion_z": group_z,
     }
     return AggregationResult(
         refined=RefinedUpdates(
@@ -328,6 +357,36 @@ def _settle_off_subspace_flags(
         if torch.equal(settled, flags) or rounds == _MAX_DETECTION_ROUNDS:
             return bases, residual, off_z, rounds
         flags = settled
+
+
+def _group_evidence(
+    estimator: _SubspaceEstimator,
+    gram: Tensor,
+    group: Tensor,
+    reference: Tensor,
+    weights: Tensor,
+    floors: tuple[float, float],
+) -> Tensor:
+    """How atypical a near-duplicate group is when measured against everyone outside it.
+
+    Robust z-scores against the rest, the largest per member: the share of the update outside
+    the rest's subspace, two-sided (a direction the group shares is absorbed into everyone's
+    subspace and leaves it once the group is left out; an average of benign updates is far
+    cleaner than any independent estimate, ``−log`` share, shares below 1e-3 count as 1e-3),
+    and closeness to the rest's robust centre (``−log`` distance: an update far more typical
+    than every independent client's). A copy of a benign client scores low on all three.
+    Zero when the group is not a minority.
+    """
+    rest = reference & ~group
+    if int(rest.sum()) <= int((group & reference).sum()):
+        return torch.zeros(int(group.sum()), dtype=torch.float64, device=group.device)
+    off_floor, typical_floor = floors
+    residual = estimator.residual_fraction(estimator.estimate(rest))
+    outside_z = robust_z(residual, rest, off_floor)
+    clean_z = robust_z(-residual.clamp_min(_CLEAN_SHARE).log(), rest, typical_floor)
+    closeness = -centre_distance(gram, rest, weights).clamp_min(1e-12).log()
+    typical_z = robust_z(closeness, rest, typical_floor)
+    return torch.stack([outside_z, clean_z, typical_z]).max(dim=0).values[group]
 
 
 def _within_subspace_statistics(

@@ -11,17 +11,72 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import geometric_median_coefficients
+from .gram import geometric_median_coefficients, squared_distances
 
 MAD_TO_STD = 1.4826
+_SMALLEST_GROUP = 3
 
 
 def robust_z(values: Tensor, reference: Tensor, floor: float) -> Tensor:
     """Robust z-scores of ``values`` against the median and MAD of ``values[reference]``."""
-    population = values[reference]
+    centre, scale = _centre_and_scale(values[reference], floor)
+    return (values - centre) / scale
+
+
+def _centre_and_scale(population: Tensor, floor: float) -> tuple[float, float]:
     centre = population.median()
     spread = MAD_TO_STD * (population - centre).abs().median()
-    return (values - centre) / max(float(spread), floor)
+    return float(centre), max(float(spread), floor)
+
+
+def near_duplicate_groups(
+    gram: Tensor, threshold: float, floor: float
+) -> tuple[Tensor, list[Tensor]]:
+    """Groups of at least three clients far more alike than independent clients are.
+
+    Independent data gives independent estimation noise, so a client's second-nearest
+    neighbour (relative distance ``‖Θ_i − Θ_j‖ / rms(‖Θ_i‖, ‖Θ_j‖)``, from the Gram matrix of
+    the products) is about as far as everyone else's; colluders sending one message have it at
+    zero. The closeness ``−log`` of that distance is robust-z scored; ``floor`` (in log units)
+    keeps genuinely similar but independent clients out. The second neighbour, not the first,
+    so a pair (a mimicked client and its copy, two clients with the same data) never forms a
+    group. Returns the closeness z-scores and the groups (boolean masks) of clients above
+    ``threshold`` joined by distances below the cut-off.
+    """
+    norms = gram.diagonal()
+    relative = squared_distances(gram) / ((norms[:, None] + norms[None, :]) / 2).clamp_min(1e-300)
+    closeness = -0.5 * relative.clamp_min(1e-24).log()
+    closeness.fill_diagonal_(-float("inf"))
+    second = closeness.sort(dim=1, descending=True).values[:, 1]
+    centre, scale = _centre_and_scale(second, floor)
+    z = (second - centre) / scale
+    cut = centre + threshold * scale
+    candidate = z > threshold
+    linked = (closeness > cut) & candidate[:, None] & candidate[None, :]
+    groups = []
+    unassigned = candidate.clone()
+    while bool(unassigned.any()):
+        group = torch.zeros_like(candidate)
+        group[int(unassigned.nonzero()[0])] = True
+        while True:
+            grown = group | linked[group].any(dim=0)
+            if torch.equal(grown, group):
+                break
+            group = grown
+        unassigned &= ~group
+        if int(group.sum()) >= _SMALLEST_GROUP:
+            groups.append(group)
+    return z, groups
+
+
+def centre_distance(gram: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
+    """``‖Θ_k − c‖ / ‖Θ_k‖`` with ``c`` the weighted geometric median of the reference clients."""
+    reference_index = reference.nonzero().flatten()
+    inner = gram[reference_index][:, reference_index]
+    coefficients = geometric_median_coefficients(inner, weights[reference_index])
+    squared = coefficients @ inner @ coefficients - 2 * gram[:, reference_index] @ coefficients
+    squared = squared + gram.diagonal()
+    return squared.clamp_min(0).sqrt() / gram.diagonal().clamp_min(1e-300).sqrt()
 
 
 def direction_distance(gram: Tensor, reference: Tensor, weights: Tensor) -> Tensor:

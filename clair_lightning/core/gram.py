@@ -12,8 +12,16 @@ from torch import Tensor
 from .updates import ValidatedUpdates
 
 
-def product_gram(validated: ValidatedUpdates, clients: list[int] | None = None) -> Tensor:
-    """K' x K' Gram matrix of the clients' products, summed over modules (float64)."""
+def product_gram(
+    validated: ValidatedUpdates,
+    clients: list[int] | None = None,
+    module_scales: dict[str, float] | None = None,
+) -> Tensor:
+    """K' x K' Gram matrix of the clients' products, summed over modules (float64).
+
+    ``module_scales`` divides each module's products by a scale first, so modules of different
+    magnitudes weigh alike.
+    """
     clients = validated.included if clients is None else clients
     gram = torch.zeros(len(clients), len(clients), dtype=torch.float64, device=validated.device)
     for name in validated.module_names:
@@ -25,7 +33,8 @@ def product_gram(validated: ValidatedUpdates, clients: list[int] | None = None) 
         indicator = torch.zeros(len(clients), owner.numel(), dtype=b_all.dtype, device=b_all.device)
         indicator[owner, torch.arange(owner.numel(), device=b_all.device)] = 1.0
         elementwise = (b_all.T @ b_all) * (a_all @ a_all.T)
-        gram += (indicator @ elementwise @ indicator.T).to(torch.float64)
+        scale = 1.0 if module_scales is None else module_scales[name] ** 2
+        gram += (indicator @ elementwise @ indicator.T).to(torch.float64) / scale
     return gram
 
 

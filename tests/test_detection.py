@@ -1,0 +1,83 @@
+"""Collusion evidence on small cases: who is flagged, who is not, and why."""
+
+import torch
+
+from clair_lightning import clair_aggregate
+from clair_lightning.core.attacks import contaminate
+from clair_lightning.core.synthetic import synthetic_federation
+
+K = 20
+THRESHOLD = 4.5
+
+
+def _federation(seed=0):
+    return synthetic_federation(
+        K,
+        heterogeneity=0.5,
+        noise=0.1,
+        num_modules=2,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _subspace_error(estimate, truth):
+    return float(torch.linalg.matrix_norm(estimate @ estimate.T - truth @ truth.T, ord=2))
+
+
+def test_identical_colluders_are_flagged_as_a_group():
+    """Six attackers send one copy of the benign mean: typical on every one-client check."""
+    federation = _federation()
+    attackers = [2, 5, 8, 11, 14, 17]
+    updates = contaminate(
+        federation.updates,
+        [k in attackers for k in range(K)],
+        "inner_product_manipulation",
+        epsilon=-1.0,  # −ε·mean with ε = −1: exactly the benign mean
+    )
+    result = clair_aggregate(updates)
+    closeness = result.score_components["closeness_z"]
+    collusion = result.score_components["collusion_z"]
+    assert result.contaminated == [k in attackers for k in range(K)]
+    for k in range(K):
+        if k in attackers:
+            # Near-identical, and far more typical than any independent client.
+            assert closeness[k] > THRESHOLD and collusion[k] > THRESHOLD
+            for check in ("off_subspace_z", "direction_z", "norm_z"):
+                assert abs(result.score_components[check][k]) < THRESHOLD
+        else:
+            assert closeness[k] < THRESHOLD and collusion[k] == 0.0
+
+
+def test_honest_duplicates_are_not_flagged_for_similarity_alone():
+    """A pair with the same data never forms a group; a mimicked client and its three copies
+    form one, but measured against the others they are an ordinary benign update."""
+    federation = _federation(seed=1)
+    updates = [dict(u) for u in federation.updates]
+    updates[1] = dict(updates[0])  # two clients with the same data
+    mimic = [5, 9, 13]
+    updates = contaminate(updates, [k in mimic for k in range(K)], "mimic", victim=3)
+    result = clair_aggregate(updates)
+    closeness = result.score_components["closeness_z"]
+    assert not any(result.contaminated)
+    assert closeness[0] < THRESHOLD and closeness[1] < THRESHOLD
+    assert all(closeness[k] > THRESHOLD for k in [3, *mimic])
+    assert max(result.score_components["collusion_z"]) < THRESHOLD
+
+
+def test_a_direction_carried_by_a_colluding_minority_leaves_the_subspace():
+    """Eight identical ALIE messages (40%) add a direction to everyone's subspace; estimated
+    without the group it is gone, the group is flagged and the subspace is the benign one."""
+    federation = _federation()
+    attackers = list(range(0, 16, 2))
+    updates = contaminate(
+        federation.updates, [k in attackers for k in range(K)], "a_little_is_enough"
+    )
+    everyone = clair_aggregate(updates, checks=("off_subspace", "direction", "norm"))
+    result = clair_aggregate(updates)
+    true_ranks = {name: u.shape[1] for name, u in federation.subspaces.items()}
+    assert not any(everyone.contaminated)
+    assert any(everyone.diagnostics["subspace_ranks"][n] > r for n, r in true_ranks.items())
+    assert result.contaminated == [k in attackers for k in range(K)]
+    assert result.diagnostics["subspace_ranks"] == true_ranks
+    for name, truth in federation.subspaces.items():
+        assert _subspace_error(result.subspaces[name], truth) < 0.2
