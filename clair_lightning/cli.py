@@ -5,6 +5,7 @@
     clair test --config configs/text_copy.yaml --ckpt_path last
     clair fit --config configs/text_copy.yaml --print_config
     clair compare --config configs/text_copy.yaml --aggregators clair,fedavg ...
+    clair prepare smollm2                                            # fetch a real LLM once
 
 A run writes to ``<run.output_dir>/<run.name>/``: the resolved ``config.yaml``, ``summary.json``,
 ``adapters/client_<k>/`` (peft format), ``checkpoints/last.ckpt``, offline W&B files and CSV
@@ -155,12 +156,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .compare.__main__ import main as compare
 
         return compare(arguments[1:])
+    if arguments[:1] == ["prepare"]:  # clair prepare smollm2: fetch and convert a model once
+        from .prepare import main as prepare
+
+        return prepare(arguments[1:])
     try:
         ClairCLI(args=None if argv is None else arguments)
     except ValueError as error:
-        print(f"clair: error: {error}", file=sys.stderr)
+        print(f"clair: error: {_reason(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reason(error: ValueError) -> str:
+    """A class's own error, not jsonargparse's multi-line wrapper around it."""
+    innermost, cause = error, _cause(error)
+    while cause is not None:
+        if isinstance(cause, ValueError):
+            innermost = cause
+        cause = _cause(cause)
+    return str(innermost) if innermost is error else str(innermost).splitlines()[0]
+
+
+def _cause(error: BaseException) -> BaseException | None:
+    return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The frozen base model every client shares: built from a transformers config or a local folder.
+"""The frozen base model every client shares: a transformers config, a local folder or a hub name.
 
-Nothing is downloaded: a config builds fresh weights (``AutoModelForCausalLM.from_config``), a
-checkpoint path must be a local ``save_pretrained`` folder.
+A config builds fresh weights (``AutoModelForCausalLM.from_config``); ``CheckpointBase`` needs a
+local ``save_pretrained`` folder; ``PretrainedBase`` takes a local folder or a hub name (hub names
+are fetched only by the user's own ``transformers`` set-up, never by this project's tests).
 """
 
 from __future__ import annotations
@@ -9,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.disable_progress_bar()
@@ -51,6 +59,9 @@ def build_base_model(
         ) from None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class BaseModelSource:
     """Where the shared base comes from; configs choose a subclass by ``class_path``."""
 
@@ -83,3 +94,81 @@ class CheckpointBase(BaseModelSource):
 
     def build(self) -> PreTrainedModel:
         return build_base_model(checkpoint=self.path)
+
+
+class PretrainedBase(BaseModelSource):
+    """Any causal LM by local folder or hub name, through ``AutoModelForCausalLM``.
+
+    Args:
+        name_or_path: a ``save_pretrained`` folder (checked when the config is read) or a hub
+            name such as ``HuggingFaceTB/SmolLM2-135M`` (needs network or a filled HF cache).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for the frozen base weights (the LoRA
+            factors stay float32, as peft keeps them).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        revision: a hub revision (branch, tag or commit); ignored for local folders.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        revision: str | None = None,
+    ):
+        if dtype not in DTYPES:
+            raise BaseModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        path = Path(name_or_path).expanduser()
+        self.local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
+        if self.local and not (path / "config.json").is_file():
+            raise BaseModelError(
+                f"base model folder {str(path)!r} is not a readable save_pretrained folder "
+                "(no config.json)"
+            )
+        self.name_or_path = str(path) if self.local else name_or_path
+        self.dtype = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.revision = revision
+
+    def _options(self) -> dict[str, Any]:
+        if self.local:
+            return {"local_files_only": True}
+        return {"revision": self.revision} if self.revision else {}
+
+    def build(self) -> PreTrainedModel:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.name_or_path, dtype=DTYPES[self.dtype], **self._options()
+            )
+        except (OSError, ValueError) as error:
+            raise BaseModelError(
+                f"cannot load the base model {self.name_or_path!r}: {_first_line(error)}"
+            ) from None
+        if self.gradient_checkpointing:
+            # transformers 5.24 renamed gradient_checkpointing_enable (kept as a deprecated alias)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.name_or_path, **self._options())
+
+
+def load_tokenizer(name_or_path: str, **options: Any) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` with a pad token (the EOS token when the tokenizer has none)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        name_or_path, options = str(path), {**options, "local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **options)
+    except (OSError, ValueError) as error:
+        raise BaseModelError(
+            f"cannot load a tokenizer from {name_or_path!r}: {_first_line(error)}"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

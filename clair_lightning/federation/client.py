@@ -31,7 +31,7 @@ class ClientLoRAModule(pl.LightningModule):
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
-        target_modules: list[str] | None = None,
+        target_modules: list[str] | str | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         adapter_path: str | None = None,

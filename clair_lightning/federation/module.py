@@ -21,6 +21,7 @@ from .base import BaseModelSource
 from .task import ClientMetrics, completion_step
 
 LrSchedule = Literal["constant", "cosine"]
+ALL_LINEAR = "all-linear"
 
 
 class LoraTargetError(ValueError):
@@ -41,7 +42,7 @@ class FederatedLoRAModule(pl.LightningModule):
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
-        target_modules: list[str] | None = None,
+        target_modules: list[str] | str | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         max_grad_norm: float | None = 1.0,
@@ -72,6 +73,7 @@ class FederatedLoRAModule(pl.LightningModule):
         self.client_metrics: list[dict[str, float]] = []
         self.test_client_metrics: list[dict[str, float]] = []
         self._metrics = ClientMetrics(num_clients)
+        self._probe_metrics = ClientMetrics(num_clients)
 
     # --- parameters -------------------------------------------------------------------------
 
@@ -152,12 +154,24 @@ class FederatedLoRAModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._metrics = ClientMetrics(self.num_clients)
+        self._probe_metrics = ClientMetrics(self.num_clients)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch)
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        # The data module's second loader, when there is one, holds attack probes.
+        self._evaluate(batch, self._probe_metrics if dataloader_idx == 1 else self._metrics)
 
     def on_validation_epoch_end(self) -> None:
         self.client_metrics = self._metrics.compute()
+        for metrics, probe, probed in zip(
+            self.client_metrics,
+            self._probe_metrics.compute(),
+            self._probe_metrics.seen(),
+            strict=True,
+        ):
+            if probed:
+                metrics["attack_success"] = probe["exact_match"]
 
     def on_test_epoch_start(self) -> None:
         self._metrics = ClientMetrics(self.num_clients)
@@ -169,10 +183,10 @@ class FederatedLoRAModule(pl.LightningModule):
         self.test_client_metrics = self._metrics.compute()
 
     @torch.no_grad()
-    def _evaluate(self, batch: dict[str, torch.Tensor]) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: ClientMetrics | None = None):
         client = int(batch["client"])
         self.activate(client)
-        self._metrics.update(client, completion_step(self.model, batch))
+        (metrics or self._metrics).update(client, completion_step(self.model, batch))
 
     # --- checkpoints and adapters -----------------------------------------------------------
 
@@ -203,10 +217,14 @@ def build_lora_model(
     lora_rank: int,
     lora_alpha: float,
     lora_dropout: float,
-    target_modules: list[str] | None,
+    target_modules: list[str] | str | None,
     adapter: str,
 ) -> tuple[PeftModel, LoraConfig]:
-    """The frozen base with one LoRA adapter named ``adapter``, and the adapter's config."""
+    """The frozen base with one LoRA adapter named ``adapter``, and the adapter's config.
+
+    ``target_modules`` are leaf names of linear layers (``["q_proj", "v_proj"]`` by default) or
+    peft's ``"all-linear"`` (every linear layer but the output head).
+    """
     target_modules = target_modules or ["q_proj", "v_proj"]
     base = base_model.build().train()  # from_pretrained returns eval mode
     check_target_modules(base, target_modules)
@@ -222,8 +240,15 @@ def build_lora_model(
     return get_peft_model(base, config, adapter_name=adapter), config
 
 
-def check_target_modules(model: torch.nn.Module, target_modules: list[str]) -> None:
+def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str) -> None:
     """Every LoRA target must name at least one module; the error lists what exists."""
+    if isinstance(target_modules, str):
+        if target_modules != ALL_LINEAR:
+            raise LoraTargetError(
+                f"target_modules must be a list of module names or {ALL_LINEAR!r}, "
+                f"got {target_modules!r}"
+            )
+        return
     leaf_names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
