@@ -207,9 +207,9 @@ class FederatedAggregation(pl.Callback):
                 "train_sizes": datamodule.train_sizes,
             },
             "task": {
-                "metric": "exact_match",
+                "metric": datamodule.TASK_METRIC,
                 "higher_is_better": True,
-                "metrics": ["exact_match", "token_accuracy", "loss"],
+                "metrics": ["exact_match", "token_accuracy", "loss", "perplexity"],
             },
             "runtime_seconds": elapsed,
             "rounds": self.records,

@@ -57,7 +57,7 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     for record in summary["rounds"]:
         assert len(record["clients"]) == 4
         assert {"precision", "recall", "f1", "auroc", "fpr"} <= set(record["detection"])
-        assert set(record["benign_mean"]) == {"loss", "token_accuracy", "exact_match"}
+        assert set(record["benign_mean"]) == {"loss", "perplexity", "token_accuracy", "exact_match"}
         for client in record["clients"]:
             assert client["contaminated"] == summary["data"]["contaminated"][client["client"]]
             assert 0 <= client["metrics"]["exact_match"] <= 1

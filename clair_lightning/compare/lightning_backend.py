@@ -34,6 +34,7 @@ class LightningBackend:
                 f"config {config}: cannot import data class {class_path}: {error}"
             ) from None
         self.recipe = self.config.stem
+        self.task_metric = getattr(self.datamodule_class, "TASK_METRIC", "exact_match")
 
     def contaminations(self) -> tuple[str, ...]:
         return tuple(self.datamodule_class.contaminations())

@@ -8,7 +8,7 @@ attack generators) are applied to the factors a contaminated client uploads.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,11 +24,16 @@ Example = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class ClientExamples:
-    """One client's train, validation and test examples (lists of tensor dicts)."""
+    """One client's train, validation and test examples (lists of tensor dicts).
+
+    ``probe`` holds optional held-out attack probes (e.g. triggered prompts whose completion is
+    a backdoor's target): validation reports their exact match as ``attack_success``.
+    """
 
     train: list[Example]
     val: list[Example]
     test: list[Example]
+    probe: list[Example] = field(default_factory=list)
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -40,6 +45,7 @@ class FederatedDataModule(pl.LightningDataModule):
     """
 
     DATA_CONTAMINATIONS: tuple[str, ...] = ()
+    TASK_METRIC = "exact_match"  # the headline metric of reports (higher is better)
 
     def __init__(
         self,
@@ -138,7 +144,11 @@ class FederatedDataModule(pl.LightningDataModule):
             _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Every client's validation examples; a second loader holds attack probes, if any."""
+        self.setup()
+        if any(c.probe for c in self._clients):
+            return [self._evaluation_loader("val"), self._evaluation_loader("probe")]
         return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:

@@ -6,6 +6,7 @@ target token are exactly what greedy decoding would produce, so exact match need
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ def completion_step(model: torch.nn.Module, batch: dict[str, Tensor]) -> StepOut
 class ClientMetrics:
     """Per-client running sums over an evaluation pass: loss, token accuracy, exact match."""
 
-    NAMES = ("loss", "token_accuracy", "exact_match")
+    NAMES = ("loss", "perplexity", "token_accuracy", "exact_match")
 
     def __init__(self, num_clients: int):
         self.sums = torch.zeros(num_clients, 5, dtype=torch.float64)
@@ -74,8 +75,15 @@ class ClientMetrics:
         return [
             {
                 "loss": float(loss_sum[k] / tokens[k]) if tokens[k] else nan,
+                "perplexity": math.exp(min(float(loss_sum[k] / tokens[k]), 700))
+                if tokens[k]
+                else nan,
                 "token_accuracy": float(correct[k] / tokens[k]) if tokens[k] else nan,
                 "exact_match": float(exact[k] / sequences[k]) if sequences[k] else nan,
             }
             for k in range(self.sums.shape[0])
         ]
+
+    def seen(self) -> list[bool]:
+        """Which clients had at least one example in this pass."""
+        return [bool(n) for n in self.sums[:, 4]]
