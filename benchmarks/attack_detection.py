@@ -2,6 +2,7 @@
 
     python benchmarks/attack_detection.py                 # K = 20, 20% and 40%, 5 seeds
     python benchmarks/attack_detection.py --seeds 2       # quicker
+    python benchmarks/attack_detection.py --update-readme README.md
 
 Benign clients share a column subspace (two modules) with heterogeneous in-subspace
 coefficients and off-subspace estimation noise; the attackers (chosen at random per seed)
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
+from clair_lightning.compare.report import update_readme
 from clair_lightning.core import ATTACKS, aggregate, contaminate
 from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.metrics import detection_metrics
@@ -81,6 +84,7 @@ def main() -> None:
         "--attacks", default=",".join(a for a in sorted(ATTACKS) if a != "nonfinite")
     )
     parser.add_argument("--baselines", default=",".join(BASELINES))
+    parser.add_argument("--update-readme", type=Path, default=None, metavar="README")
     args = parser.parse_args()
     torch.set_num_threads(1)
     aggregators = ["clair", *[b for b in args.baselines.split(",") if b]]
@@ -89,8 +93,8 @@ def main() -> None:
         f"{args.seeds} seeds, {SETTINGS}, threads {torch.get_num_threads()}"
     )
     header = ["attack", "share", "F1", "AUROC", "FPR", *[f"err {a}" for a in aggregators]]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    print(*lines, sep="\n")
     for attack in args.attacks.split(","):
         for fraction in (float(f) for f in args.fractions.split(",")):
             rows = [
@@ -114,7 +118,10 @@ def main() -> None:
                 *(f"{means[k]:.2f}" for k in ("f1", "auroc", "fpr")),
             ]
             cells += [f"{means[f'error_{a}']:.3f}" for a in aggregators]
-            print("| " + " | ".join(cells) + " |", flush=True)
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    if args.update_readme:
+        update_readme(args.update_readme, "attack-detection", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
