@@ -10,10 +10,7 @@ logged, and written to ``summary.json``. The history and RNG state live in ``sta
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -21,16 +18,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..core import get_aggregator
-from ..core.aggregators import NEEDS_TRUTH, aggregate
 from ..federation.adapters import read_update, write_update
 from ..federation.data import FederatedDataModule
 from ..federation.module import FederatedLoRAModule, adapter_name
-from ..jsonio import json_safe, write_json
-from ..metrics import detection_metrics
+from ..jsonio import write_json
+from ..rounds import (
+    SUMMARY,
+    aggregate_round,
+    check_aggregation,
+    round_record,
+    run_summary,
+    with_benign_mean,
+)
 from .detection_metrics import log_round
-
-SUMMARY = "summary.json"
 
 
 class FederatedAggregation(pl.Callback):
@@ -54,23 +54,7 @@ class FederatedAggregation(pl.Callback):
         seed: int = 0,
     ):
         super().__init__()
-        function = get_aggregator(name)
-        if period < 1:
-            raise ValueError(f"aggregation period must be at least 1, got {period}")
-        if nonfinite not in ("raise", "exclude"):
-            raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
-        self.options = dict(options or {})
-        if "contaminated" in self.options:
-            raise ValueError("'contaminated' is supplied by the data module, not by the config")
-        accepted = inspect.signature(function).parameters
-        unknown = sorted(set(self.options) - set(accepted))
-        if unknown:
-            names = [p for p in accepted if p not in ("updates", "weights", "contaminated")]
-            raise ValueError(
-                f"aggregator {name!r} has no option(s) {unknown}; its options: {', '.join(names)}"
-            )
-        if "nonfinite" in accepted:
-            self.options.setdefault("nonfinite", nonfinite)
+        self.options = check_aggregation(name, period, options, nonfinite)
         self.name = name
         self.period = period
         self.seed = seed
@@ -117,12 +101,9 @@ class FederatedAggregation(pl.Callback):
         clients = range(pl_module.num_clients)
         uploads = [read_update(pl_module.model, adapter_name(k)) for k in clients]
         uploads = datamodule.contaminate_updates(uploads, round_number)
-        options = dict(self.options)
-        if self.name in NEEDS_TRUTH:
-            options["contaminated"] = datamodule.contaminated
-        started = time.perf_counter()
-        result = aggregate(self.name, uploads, datamodule.train_sizes, **options)
-        seconds = time.perf_counter() - started
+        result, fields = aggregate_round(
+            self.name, self.options, uploads, datamodule.train_sizes, datamodule.contaminated
+        )
         truncation: dict[int, float] = {}
         for k in clients:
             refined = result.refined[k]
@@ -133,19 +114,7 @@ class FederatedAggregation(pl.Callback):
                 continue  # the client keeps exactly its own adapter
             errors = write_update(pl_module.model, adapter_name(k), refined, self._generator)
             truncation[k] = max(errors.values())
-        return {
-            "round": round_number,
-            "aggregated": True,
-            "flags": list(result.contaminated),
-            "scores": None if result.scores is None else [float(s) for s in result.scores],
-            "excluded": {int(k): v for k, v in result.excluded.items()},
-            "score_components": {
-                k: [float(x) for x in v] for k, v in result.score_components.items()
-            },
-            "diagnostics": json_safe(result.diagnostics),
-            "truncation_error": truncation,
-            "aggregation_seconds": seconds,
-        }
+        return {"round": round_number, **fields, "truncation_error": truncation}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
@@ -195,9 +164,9 @@ class FederatedAggregation(pl.Callback):
         path = directory / SUMMARY
         previous = json.loads(path.read_text()) if path.exists() else {}
         elapsed = self._elapsed + (time.perf_counter() - self._started if self._started else 0)
-        summary = {
-            "aggregator": {"name": self.name, "period": self.period, "options": self.options},
-            "data": {
+        summary = run_summary(
+            {"name": self.name, "period": self.period, "options": self.options},
+            {
                 "recipe": type(datamodule).__module__,
                 "num_clients": datamodule.num_clients,
                 "contamination": datamodule.contamination,
@@ -206,60 +175,11 @@ class FederatedAggregation(pl.Callback):
                 "local_steps": datamodule.local_steps,
                 "train_sizes": datamodule.train_sizes,
             },
-            "task": {
-                "metric": datamodule.TASK_METRIC,
-                "higher_is_better": True,
-                "metrics": ["exact_match", "token_accuracy", "loss", "perplexity"],
-            },
-            "runtime_seconds": elapsed,
-            "rounds": self.records,
-            "test": previous.get("test"),
-        }
-        if test_metrics:
-            summary["test"] = _with_benign_mean(test_metrics, datamodule.contaminated)
-        write_json(path, summary)
-
-
-def round_record(pending: dict, truth: list[bool], client_metrics: list[dict]) -> dict:
-    """A finished round: per-client truth, flag, score, task metrics; detection; benign means."""
-    num_clients = len(truth)
-    aggregated = pending["aggregated"]
-    flags = pending["flags"] if aggregated else [False] * num_clients
-    scores = pending["scores"] if aggregated else None
-    clients = []
-    for k in range(num_clients):
-        clients.append(
-            {
-                "client": k,
-                "contaminated": bool(truth[k]),
-                "flag": bool(flags[k]),
-                "score": None if scores is None else scores[k],
-                "excluded": pending.get("excluded", {}).get(k),
-                "metrics": client_metrics[k] if k < len(client_metrics) else {},
-                "truncation_error": pending.get("truncation_error", {}).get(k),
-            }
+            elapsed,
+            self.records,
+            previous.get("test"),
+            task_metric=datamodule.TASK_METRIC,
         )
-    record = {
-        key: value
-        for key, value in pending.items()
-        if key not in ("flags", "scores", "excluded", "truncation_error")
-    }
-    record["clients"] = clients
-    record["detection"] = detection_metrics(flags, scores, truth) if aggregated else {}
-    record["benign_mean"] = _benign_mean(client_metrics, truth)
-    return record
-
-
-def _benign_mean(client_metrics: list[dict], truth: list[bool]) -> dict[str, float | None]:
-    benign = [m for m, bad in zip(client_metrics, truth, strict=False) if not bad]
-    names = benign[0].keys() if benign else ()
-    return {
-        name: statistics.fmean(values)
-        if (values := [m[name] for m in benign if math.isfinite(m[name])])
-        else None
-        for name in names
-    }
-
-
-def _with_benign_mean(client_metrics: list[dict], truth: list[bool]) -> dict:
-    return {"clients": client_metrics, "benign_mean": _benign_mean(client_metrics, truth)}
+        if test_metrics:
+            summary["test"] = with_benign_mean(test_metrics, datamodule.contaminated)
+        write_json(path, summary)
