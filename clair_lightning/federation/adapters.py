@@ -38,9 +38,36 @@ def read_update(model: PeftModel, adapter: str) -> ClientUpdate:
 def write_update(
     model: PeftModel, adapter: str, update: ClientUpdate, generator: torch.Generator
 ) -> dict[str, float]:
-    """Write an exact update into the adapter at its own rank; return each module's truncation.
+    """Write an exact update into the adapter at its own rank; return each module's truncation
+    (see ``fit_to_adapter``)."""
+    errors = {}
+    for name, layer in lora_layers(model).items():
+        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        scaling = layer.scaling[adapter]
+        b, a = update[name]
+        fitted = fit_to_adapter(b, a, lora_b.float() * scaling, lora_a.float(), generator)
+        if fitted is None:
+            errors[name] = 0.0
+            continue
+        new_b, new_a, errors[name] = fitted
+        lora_b.copy_((new_b / scaling).to(lora_b.dtype))
+        lora_a.copy_(new_a.to(lora_a.dtype))
+    return errors
 
-    Factors already at the adapter's rank are written as given (factor-level rules such as
+
+@torch.no_grad()
+def fit_to_adapter(
+    b: torch.Tensor,
+    a: torch.Tensor,
+    old_b: torch.Tensor,
+    old_a: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The factors at the adapter's rank that stand for ``b @ a`` over an adapter holding
+    ``(old_b, old_a)`` (scaling folded into ``B``), and the relative truncation error; ``None``
+    when the product is unchanged.
+
+    Factors already at the adapter's rank are kept as given (factor-level rules such as
     FedIT need one basis across clients). Others are re-factorised to the adapter's rank (best
     rank-r approximation), then rotated onto the adapter's current factors so the optimizer's
     per-coordinate state keeps matching the parameters (re-factorising without the rotation
@@ -48,34 +75,33 @@ def write_update(
     be dead under LoRA's gradients (both factors zero), so their ``A`` rows are re-drawn as peft
     initialises them while ``B`` stays zero.
     """
-    errors = {}
+    b, a = b.to(torch.float32), a.to(torch.float32)
+    if _same_product(b, a, old_b, old_a):
+        return None
+    rank = old_a.shape[0]
+    if b.shape[1] == rank:
+        new_b, new_a, error = b, a, 0.0
+    else:
+        factors = refactorize(b, a, rank)
+        new_b, new_a = align_factors(factors.b, factors.a, old_b)
+        error = factors.relative_error
+    dead = new_b.abs().sum(0) == 0
+    if bool(dead.any()):
+        bound = 1.0 / old_a.shape[1] ** 0.5
+        fresh = torch.rand(int(dead.sum()), old_a.shape[1], generator=generator)
+        new_a = new_a.clone()
+        new_a[dead] = (fresh * 2 - 1) * bound
+    return new_b, new_a, error
+
+
+@torch.no_grad()
+def set_factors(model: PeftModel, adapter: str, update: ClientUpdate) -> None:
+    """Store factors already at the adapter's rank exactly as given (scaling folded into B)."""
     for name, layer in lora_layers(model).items():
-        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        scaling = layer.scaling[adapter]
         b, a = update[name]
-        b, a = b.to(torch.float32), a.to(torch.float32)
-        old_b = lora_b.float() * scaling
-        if _same_product(b, a, old_b, lora_a.float()):
-            errors[name] = 0.0
-            continue
-        if b.shape[1] == lora_a.shape[0]:
-            # Already at the adapter's rank (e.g. FedIT's averaged factors): write exactly what
-            # the aggregator chose, so factor-level rules see one basis across clients.
-            new_b, new_a, error = b, a, 0.0
-        else:
-            factors = refactorize(b, a, lora_a.shape[0])
-            new_b, new_a = align_factors(factors.b, factors.a, old_b)
-            error = factors.relative_error
-        dead = new_b.abs().sum(0) == 0
-        if bool(dead.any()):
-            bound = 1.0 / lora_a.shape[1] ** 0.5
-            fresh = torch.rand(int(dead.sum()), lora_a.shape[1], generator=generator)
-            new_a = new_a.clone()
-            new_a[dead] = (fresh * 2 - 1) * bound
-        lora_b.copy_((new_b / scaling).to(lora_b.dtype))
-        lora_a.copy_(new_a.to(lora_a.dtype))
-        errors[name] = error
-    return errors
+        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        lora_b.copy_((b / layer.scaling[adapter]).to(lora_b.dtype))
+        lora_a.copy_(a.to(lora_a.dtype))
 
 
 def _same_product(

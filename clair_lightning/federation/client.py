@@ -7,6 +7,7 @@ metrics and factor I/O with ``FederatedLoRAModule``, which holds many clients ov
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ from peft import PeftModel
 from ..core import ClientUpdate
 from .adapters import read_update, write_update
 from .base import BaseModelSource
-from .module import build_lora_model
+from .module import LrSchedule, build_lora_model, lr_factor
 from .task import ClientMetrics, completion_step
 
 ADAPTER = "default"
@@ -35,6 +36,9 @@ class ClientLoRAModule(pl.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         adapter_path: str | None = None,
+        lr_schedule: LrSchedule = "constant",
+        warmup_steps: int = 0,
+        total_steps: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["base_model"])
@@ -51,11 +55,22 @@ class ClientLoRAModule(pl.LightningModule):
         self._metrics = ClientMetrics(1)
         self._generator = torch.Generator().manual_seed(0)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
         )
+        factor = functools.partial(
+            lr_factor,
+            schedule=self.hparams.lr_schedule,
+            warmup_steps=self.hparams.warmup_steps,
+            total_steps=self.hparams.total_steps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = completion_step(self.model, batch).loss

@@ -144,6 +144,22 @@ class FederatedDataModule(pl.LightningDataModule):
             _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
         )
 
+    def client_round_dataloader(self, client: int, round_index: int) -> DataLoader:
+        """One client's ``local_steps`` training batches of round ``round_index`` (0-based),
+        the very batches ``train_dataloader`` gives that client in that round."""
+        self.setup()
+        sampler = RoundBatchSampler(
+            self.train_sizes,
+            self.local_steps,
+            self.batch_size,
+            self.seed,
+            lambda: round_index,
+            clients=[client],
+        )
+        return DataLoader(
+            _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
+        )
+
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """Every client's validation examples; a second loader holds attack probes, if any."""
         self.setup()
@@ -197,15 +213,23 @@ class FederatedDataModule(pl.LightningDataModule):
     # --- update-level contamination ---------------------------------------------------------
 
     def contaminate_updates(
-        self, updates: list[ClientUpdate], round_index: int
+        self,
+        updates: list[ClientUpdate],
+        round_index: int,
+        clients: Sequence[int] | None = None,
     ) -> list[ClientUpdate]:
-        """Replace contaminated clients' uploads by the configured attack (others untouched)."""
-        if self.update_attack is None or not any(self.contaminated):
+        """Replace contaminated clients' uploads by the configured attack (others untouched).
+
+        ``clients`` says whose uploads ``updates`` are when only some clients answered.
+        """
+        clients = range(self.num_clients) if clients is None else clients
+        truth = [self.contaminated[k] for k in clients]
+        if self.update_attack is None or not any(truth):
             return updates
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         return contaminate(
             updates,
-            self.contaminated,
+            truth,
             self.update_attack,
             generator=generator,
             **self.attack_options,
@@ -216,20 +240,28 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
     """``local_steps`` batches per client per round; the order depends only on (seed, round)."""
 
     def __init__(
-        self, sizes: Sequence[int], local_steps: int, batch_size: int, seed: int, current_round
+        self,
+        sizes: Sequence[int],
+        local_steps: int,
+        batch_size: int,
+        seed: int,
+        current_round,
+        clients: Sequence[int] | None = None,
     ):
         self.sizes = list(sizes)
         self.local_steps = local_steps
         self.batch_size = batch_size
         self.seed = seed
         self.current_round = current_round
+        self.clients = range(len(self.sizes)) if clients is None else list(clients)
 
     def __len__(self) -> int:
-        return len(self.sizes) * self.local_steps
+        return len(self.clients) * self.local_steps
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         round_index = self.current_round()
-        for client, size in enumerate(self.sizes):
+        for client in self.clients:
+            size = self.sizes[client]
             generator = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + round_index) * 10_007 + client
             )

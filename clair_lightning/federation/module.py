@@ -7,6 +7,7 @@ aggregation callback then reads and rewrites the adapters at the round boundary.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -104,18 +105,12 @@ class FederatedLoRAModule(pl.LightningModule):
         optimizers, schedulers = [], []
         rounds = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs else 1
         local_steps = getattr(self.trainer.datamodule, "local_steps", 1) if self.trainer else 1
-        total_steps = max(1, rounds * local_steps)
-        warmup = self.hparams.warmup_steps
-        schedule = self.hparams.lr_schedule
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
+        factor = functools.partial(
+            lr_factor,
+            schedule=self.hparams.lr_schedule,
+            warmup_steps=self.hparams.warmup_steps,
+            total_steps=max(1, rounds * local_steps),
+        )
         for client in range(self.num_clients):
             optimizer = torch.optim.AdamW(
                 self.client_parameters(client),
@@ -210,6 +205,17 @@ class FederatedLoRAModule(pl.LightningModule):
         names = [adapter_name(k) for k in range(self.num_clients)]
         self.model.save_pretrained(str(directory), selected_adapters=names)
         return [directory / name for name in names]
+
+
+def lr_factor(step: int, schedule: LrSchedule, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate multiplier after ``step`` local steps: linear warm-up, then constant or
+    cosine decay to zero at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_lora_model(
