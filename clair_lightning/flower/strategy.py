@@ -1,0 +1,392 @@
+"""The server's strategy: CLAIR (or any engine aggregator) over Flower's Message API.
+
+Each round it finds which online SuperNode holds which partition (asking only nodes it has not
+met), sends every client the adapter refined for it, checks each reply, aggregates with the
+same ``aggregate_round`` as the Lightning callback, fits each refined update to the client's
+adapter rank on the server (as the callback's write-back does), then collects every client's
+validation metrics and records the round in ``summary.json`` and W&B.
+
+Faults never hang or crash a round: an error reply, a reply missing at the round timeout or a
+malformed one (missing records, unknown modules, wrong shapes, non-finite values) leaves that
+client out with a logged reason naming its partition; the round aggregates the rest if at least
+``min_clients`` answered, otherwise the run stops with a ``FederationError``. Waiting for nodes
+is bounded by ``node_wait`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import wandb
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..core import ClientUpdate
+from ..federation.adapters import fit_to_adapter
+from ..jsonio import write_json
+from ..rounds import (
+    SUMMARY,
+    TABLE_COLUMNS,
+    aggregate_round,
+    client_rows,
+    round_record,
+    round_scalars,
+    run_summary,
+)
+from .experiment import Experiment
+from .messages import (
+    CONFIG,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    SENT_ADAPTER,
+    MalformedReply,
+    encode_update,
+    evaluate_reply,
+    reply_error,
+    shapes_of,
+    train_reply,
+)
+
+log = logging.getLogger("clair_lightning.flower")
+NO_TRUTH = "not available: a real deployment has no ground truth, so no detection metrics"
+
+
+class FederationError(RuntimeError):
+    """Too few clients to go on (too few online, or too few valid replies in a round)."""
+
+
+class ClairStrategy(Strategy):
+    """Per-client refined adapters, aggregated by ``experiment``'s aggregator every round."""
+
+    def __init__(self, experiment: Experiment, initial_adapter: ClientUpdate, run_dir: Path):
+        self.experiment = experiment
+        self.settings = experiment.settings
+        self.datamodule = experiment.datamodule  # its truth mask is used only in simulation
+        self.num_clients = self.datamodule.num_clients
+        self.min_clients = self.settings.min_clients or max(2, self.num_clients // 2 + 1)
+        if not 2 <= self.min_clients <= self.num_clients:
+            raise ValueError(
+                f"min-clients must be in [2, {self.num_clients}], got {self.min_clients}"
+            )
+        self.run_dir = run_dir
+        self.shapes = shapes_of(initial_adapter)
+        self.adapters = {k: initial_adapter for k in range(self.num_clients)}
+        self.nodes: dict[int, int] = {}  # node id -> partition
+        self.train_sizes: dict[int, float] = {}
+        self.truth: dict[int, bool] = {}
+        self.records: list[dict] = []
+        self.generator = torch.Generator().manual_seed(experiment.aggregation.seed)
+        self.started = time.perf_counter()
+        self.wandb_run = None
+        self._sent: list[tuple[Message, int]] = []
+        self._trained: dict[int, ClientUpdate] = {}
+        self._missing: dict[int, str] = {}
+        self._pending: dict = {}
+
+    # --- training -------------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._missing = {}
+        online = self._identify(grid, self._wait_for_nodes(grid, server_round), server_round)
+        for partition in range(self.num_clients):
+            if partition not in online:
+                self._leave_out(partition, server_round, "no SuperNode online holds it")
+        self._require(len(online), server_round, "clients online")
+        self._sent = [
+            (self._message(MessageType.TRAIN, node, partition, server_round), partition)
+            for partition, node in sorted(online.items())
+        ]
+        return [message for message, _ in self._sent]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        trained, weights = {}, {}
+        for partition, reply in self._replies(replies, server_round):
+            try:
+                update, examples, contaminated = train_reply(
+                    reply, self.shapes, self.settings.simulation
+                )
+            except MalformedReply as reason:
+                self._leave_out(partition, server_round, str(reason))
+                continue
+            trained[partition], weights[partition] = update, examples
+            self.train_sizes[partition] = examples
+            if contaminated is not None:
+                self.truth[partition] = contaminated
+        self._require(len(trained), server_round, "valid train replies")
+        self._trained = trained
+        answered = sorted(trained)
+        if server_round % self.experiment.aggregation.period:
+            self._pending = {"round": server_round, "aggregated": False}
+            self.adapters.update(trained)
+        else:
+            self._pending = self._aggregate(server_round, answered, weights)
+        return None, MetricRecord({"clients": len(answered)})
+
+    def _aggregate(self, server_round: int, answered: list[int], weights: dict) -> dict:
+        uploads = [self._trained[k] for k in answered]
+        truth = [self.truth[k] for k in answered] if self.settings.simulation else None
+        if self.settings.simulation:
+            # Update-level contamination is a simulation device, applied as the callback does.
+            uploads = self.datamodule.contaminate_updates(uploads, server_round, clients=answered)
+        result, fields = aggregate_round(
+            self.experiment.aggregation.name,
+            self.experiment.aggregation_options,
+            uploads,
+            [weights[k] for k in answered],
+            truth,
+        )
+        truncation = {}
+        for index, partition in enumerate(answered):
+            own, refined = self._trained[partition], result.refined[index]
+            if all(refined[m][0] is uploads[index][m][0] for m in refined) and all(
+                refined[m][1] is uploads[index][m][1] for m in refined
+            ):
+                self.adapters[partition] = own  # the client keeps exactly its own adapter
+                continue
+            adapter, errors = {}, []
+            for module, (old_b, old_a) in own.items():
+                b, a = refined[module]
+                fitted = fit_to_adapter(b, a, old_b, old_a, self.generator)
+                adapter[module] = (old_b, old_a) if fitted is None else fitted[:2]
+                errors.append(0.0 if fitted is None else fitted[2])
+            self.adapters[partition] = adapter
+            truncation[partition] = max(errors)
+        return {
+            "round": server_round,
+            **_by_partition(fields, answered, self.num_clients),
+            "truncation_error": truncation,
+            "participants": answered,
+        }
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = {partition: node for node, partition in self.nodes.items()}
+        self._sent = [
+            (self._message(MessageType.EVALUATE, nodes[p], p, server_round), p)
+            for p in sorted(self._trained)
+            if p in nodes
+        ]
+        return [message for message, _ in self._sent]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        client_metrics: list[dict] = [{} for _ in range(self.num_clients)]
+        for partition, reply in self._replies(replies, server_round):
+            try:
+                client_metrics[partition] = evaluate_reply(reply)
+            except MalformedReply as reason:
+                self._leave_out(partition, server_round, f"evaluation: {reason}")
+        truth = (
+            [self.truth.get(k) for k in range(self.num_clients)]
+            if self.settings.simulation
+            else None
+        )
+        record = round_record(self._pending, truth, client_metrics, self._missing)
+        self.records.append(record)
+        self._log_round(record)
+        self.write_summary()
+        return MetricRecord({"clients": sum(bool(m) for m in client_metrics)})
+
+    def summary(self) -> None:
+        log.info(
+            "CLAIR strategy: aggregator %s, %d clients, at least %d per round, round timeout "
+            "%.0f s, %s",
+            self.experiment.aggregation.name,
+            self.num_clients,
+            self.min_clients,
+            self.settings.round_timeout,
+            "simulation (ground truth reported)" if self.settings.simulation else "deployment",
+        )
+
+    # --- nodes and replies ------------------------------------------------------------------------
+
+    def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Online node ids: all partitions' worth in round 1 (or until ``node_wait`` passes),
+        at least ``min_clients`` later; never an unbounded wait."""
+        wanted = self.num_clients if server_round == 1 else self.min_clients
+        deadline = time.monotonic() + self.settings.node_wait
+        while True:
+            online = list(grid.get_node_ids())
+            if len(online) >= wanted or time.monotonic() >= deadline:
+                break
+            time.sleep(1)
+        if len(online) < self.min_clients:
+            raise FederationError(
+                f"round {server_round}: {len(online)} SuperNode(s) online after "
+                f"{self.settings.node_wait:.0f} s, fewer than min-clients={self.min_clients}"
+            )
+        return online
+
+    def _identify(self, grid: Grid, online: list[int], server_round: int) -> dict[int, int]:
+        """partition -> node for the online nodes; nodes not met before are asked once."""
+        self.nodes = {node: p for node, p in self.nodes.items() if node in online}
+        unknown = [node for node in online if node not in self.nodes]
+        if unknown:
+            queries = [
+                Message(
+                    RecordDict({CONFIG: ConfigRecord({"round": server_round})}),
+                    dst_node_id=node,
+                    message_type=MessageType.QUERY,
+                    group_id=str(server_round),
+                )
+                for node in unknown
+            ]
+            replies = grid.send_and_receive(queries, timeout=self.settings.round_timeout)
+            by_id = {reply.metadata.reply_to_message_id: reply for reply in replies}
+            for query, node in zip(queries, unknown, strict=True):
+                reply = by_id.get(query.metadata.message_id)
+                partition, reason = self._partition_of(reply)
+                if reason:
+                    log.warning("SuperNode %d did not identify itself: %s", node, reason)
+                    continue
+                for other in [n for n, p in self.nodes.items() if p == partition]:
+                    del self.nodes[other]  # a restarted node replaces its old id
+                self.nodes[node] = partition
+        return {partition: node for node, partition in self.nodes.items()}
+
+    def _partition_of(self, reply: Message | None) -> tuple[int, str | None]:
+        if reply is None:
+            return -1, "no reply before the timeout"
+        if error := reply_error(reply):
+            return -1, error
+        try:
+            record = reply.content[CONFIG]
+            partition, partitions = int(record[PARTITION_ID]), int(record[NUM_PARTITIONS])
+        except (KeyError, TypeError, ValueError):
+            return -1, "its reply has no partition-id / num-partitions"
+        if partitions != self.num_clients or not 0 <= partition < partitions:
+            return -1, (
+                f"partition-id={partition} num-partitions={partitions} does not fit the "
+                f"config's {self.num_clients} clients"
+            )
+        return partition, None
+
+    def _replies(self, replies: Iterable[Message], server_round: int):
+        """``(partition, reply)`` for every message sent; a missing reply leaves it out."""
+        by_id = {reply.metadata.reply_to_message_id: reply for reply in replies}
+        for message, partition in self._sent:
+            reply = by_id.get(message.metadata.message_id)
+            if reply is None:
+                self._leave_out(
+                    partition,
+                    server_round,
+                    f"no reply before the round timeout ({self.settings.round_timeout:.0f} s)",
+                )
+                continue
+            yield partition, reply
+
+    def _message(self, kind: str, node: int, partition: int, server_round: int) -> Message:
+        content = RecordDict(
+            {
+                SENT_ADAPTER: encode_update(self.adapters[partition]),
+                CONFIG: ConfigRecord({"round": server_round, PARTITION_ID: partition}),
+            }
+        )
+        return Message(content, dst_node_id=node, message_type=kind, group_id=str(server_round))
+
+    def _leave_out(self, partition: int, server_round: int, reason: str) -> None:
+        log.warning("round %d: client %d left out: %s", server_round, partition, reason)
+        self._missing.setdefault(partition, reason)
+
+    def _require(self, count: int, server_round: int, what: str) -> None:
+        if count < self.min_clients:
+            reasons = "; ".join(f"client {k}: {why}" for k, why in sorted(self._missing.items()))
+            raise FederationError(
+                f"round {server_round}: only {count} {what}, fewer than "
+                f"min-clients={self.min_clients} ({reasons})"
+            )
+
+    # --- records ----------------------------------------------------------------------------------
+
+    def _log_round(self, record: dict) -> None:
+        flagged = [c["client"] for c in record["clients"] if c["flag"]]
+        missing = sorted(record.get("missing", {}))
+        log.info(
+            "round %d: flagged %s, missing %s, detection F1 %s",
+            record["round"],
+            flagged,
+            missing,
+            record["detection"].get("f1"),
+        )
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {
+                    **round_scalars(record),
+                    "clients": wandb.Table(columns=TABLE_COLUMNS, data=client_rows(record)),
+                },
+                step=record["round"],
+            )
+
+    def write_summary(self) -> None:
+        datamodule = self.datamodule
+        simulation = self.settings.simulation
+        sizes = [self.train_sizes.get(k) for k in range(self.num_clients)]
+        data = {
+            "recipe": type(datamodule).__module__,
+            "num_clients": self.num_clients,
+            "contamination": datamodule.contamination,
+            "contaminated": [self.truth.get(k) for k in range(self.num_clients)]
+            if simulation
+            else None,
+            "seed": datamodule.seed,
+            "local_steps": datamodule.local_steps,
+            "train_sizes": sizes,
+        }
+        engine = {
+            "name": "flower",
+            "mode": "simulation" if simulation else "deployment",
+            "ground_truth": "reported by the simulated clients" if simulation else NO_TRUTH,
+            "min_clients": self.min_clients,
+            "round_timeout": self.settings.round_timeout,
+            "missing": {r["round"]: r["missing"] for r in self.records if r.get("missing")},
+        }
+        aggregation = self.experiment.aggregation
+        summary = run_summary(
+            {
+                "name": aggregation.name,
+                "period": aggregation.period,
+                "options": self.experiment.aggregation_options,
+            },
+            data,
+            time.perf_counter() - self.started,
+            self.records,
+            engine=engine,
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / SUMMARY, summary)
+
+
+def _by_partition(fields: dict, answered: list[int], num_clients: int) -> dict:
+    """The aggregator's per-participant fields re-indexed by partition (``None`` for absent)."""
+
+    def spread(values):
+        if len(values) != len(answered):
+            return values
+        full = [None] * num_clients
+        for index, partition in enumerate(answered):
+            full[partition] = values[index]
+        return full
+
+    flags = spread(fields["flags"])
+    return {
+        **fields,
+        "flags": [bool(flag) for flag in flags],
+        "scores": None if fields["scores"] is None else spread(fields["scores"]),
+        "excluded": {answered[k]: reason for k, reason in fields["excluded"].items()},
+        "score_components": {
+            name: spread(values) for name, values in fields["score_components"].items()
+        },
+    }

@@ -1,0 +1,204 @@
+"""The Flower layer: simulation parity with the Lightning path, and the strategy's fault handling.
+
+The simulation test runs Flower's Ray runtime (about a minute on 2 cores); it is marked
+``flower`` and runs in the default suite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from clair_lightning.cli import run as clair_run
+from clair_lightning.flower.experiment import Experiment, RunSettings
+from clair_lightning.flower.messages import METRICS, NUM_EXAMPLES, UPDATE, encode_update
+from clair_lightning.flower.server_app import prepare
+from clair_lightning.flower.simulation import simulate
+from clair_lightning.flower.strategy import ClairStrategy, FederationError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "text_copy_smoke.yaml"
+
+
+@pytest.mark.flower
+def test_simulation_gives_the_lightning_paths_flags_scores_and_metrics(tmp_path):
+    """Same seed, data and local steps: the Flower simulation repeats the in-process run.
+
+    Both paths draw the same initial adapter (seeded), train each client on the same batches
+    with AdamW and the same clipping, contaminate and aggregate with the same call, and fit the
+    refined updates to the adapter rank with the same function, so on one CPU thread they agree
+    to float rounding (the Trainer runs per client in a Ray worker instead of all clients in one
+    module; reduction order may differ in the last bits).
+    """
+    flower_dir = simulate(SMOKE, output_dir=str(tmp_path / "flower"), round_timeout=300)
+    lightning_dir = clair_run(SMOKE, ["--run.output_dir", str(tmp_path / "lightning")])
+    flower = json.loads((flower_dir / "summary.json").read_text())
+    lightning = json.loads((lightning_dir / "summary.json").read_text())
+
+    assert flower.keys() >= lightning.keys()
+    assert flower["engine"]["mode"] == "simulation"
+    assert flower["data"]["contaminated"] == lightning["data"]["contaminated"]
+    assert len(flower["rounds"]) == len(lightning["rounds"]) == 2
+    for ours, theirs in zip(flower["rounds"], lightning["rounds"], strict=True):
+        assert "missing" not in ours
+        assert [c["flag"] for c in ours["clients"]] == [c["flag"] for c in theirs["clients"]]
+        for a, b in zip(ours["clients"], theirs["clients"], strict=True):
+            assert a["contaminated"] == b["contaminated"]
+            assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-6)
+            for name, value in b["metrics"].items():
+                assert a["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        for name, value in theirs["benign_mean"].items():
+            assert ours["benign_mean"][name] == pytest.approx(value, rel=1e-5, abs=1e-6)
+        assert ours["detection"]["f1"] == pytest.approx(theirs["detection"]["f1"])
+    assert flower["rounds"][0]["clients"][0]["flag"], "the contaminated client is not flagged"
+    assert list((flower_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+# --- the strategy's reply handling, with real Message objects ---------------------------------
+
+
+class _Grid:
+    """The two Grid calls the strategy makes before sending (nodes are already identified)."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+@pytest.fixture(scope="module")
+def deployment_experiment(tmp_path_factory):
+    output = tmp_path_factory.mktemp("strategy")
+    settings = RunSettings.from_file(SMOKE, output_dir=str(output), min_clients=2, node_wait=1)
+    experiment = Experiment.load(settings)
+    return experiment, experiment.client_module().update()
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """Messages are built inside a run; the ServerApp runtime sets this identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _strategy(deployment_experiment, tmp_path):
+    experiment, initial = deployment_experiment
+    strategy = ClairStrategy(experiment, initial, tmp_path / "run")
+    strategy.nodes = {100 + k: k for k in range(4)}
+    messages = list(
+        strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid(range(100, 104)))
+    )
+    for index, message in enumerate(messages):
+        message.metadata.__dict__["_message_id"] = f"train-{index}"  # as the SuperLink does
+    return strategy, messages, initial
+
+
+def _reply(message, update, examples=16):
+    content = RecordDict(
+        {UPDATE: encode_update(update), METRICS: MetricRecord({NUM_EXAMPLES: examples})}
+    )
+    return Message(content, reply_to=message)
+
+
+def _trained(initial, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        m: (torch.randn(b.shape, generator=generator) * 0.1, a.clone())
+        for m, (b, a) in initial.items()
+    }
+
+
+def test_malformed_and_non_finite_replies_are_left_out_with_a_reason(
+    deployment_experiment, tmp_path, caplog
+):
+    strategy, messages, initial = _strategy(deployment_experiment, tmp_path)
+    good = [_trained(initial, seed) for seed in range(4)]
+    module = next(iter(initial))
+    non_finite = {
+        **good[2],
+        module: (good[2][module][0].clone().fill_(math.nan), good[2][module][1]),
+    }
+    wrong_shape = {**good[3], module: (good[3][module][0][:, :-1], good[3][module][1])}
+    replies = [
+        _reply(messages[0], good[0]),
+        _reply(messages[1], good[1]),
+        _reply(messages[2], non_finite),
+        _reply(messages[3], wrong_shape),
+    ]
+    with caplog.at_level(logging.WARNING, logger="clair_lightning.flower"):
+        _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["clients"] == 2
+    assert f"client 2 left out: non-finite values in module '{module}'" in caplog.text
+    assert "client 3 left out: module" in caplog.text and "has shapes" in caplog.text
+
+    evaluations = list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), None))
+    assert [m.metadata.dst_node_id for m in evaluations] == [100, 101]
+    for index, message in enumerate(evaluations):
+        message.metadata.__dict__["_message_id"] = f"evaluate-{index}"
+    metric_replies = [
+        Message(
+            RecordDict(
+                {METRICS: MetricRecord({"loss": 1.0, "token_accuracy": 0.5, "exact_match": 0.25})}
+            ),
+            reply_to=message,
+        )
+        for message in evaluations
+    ]
+    strategy.aggregate_evaluate(1, metric_replies)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    record = summary["rounds"][0]
+    assert record["participants"] == [0, 1]
+    assert set(record["missing"]) == {"2", "3"}
+    assert record["missing"]["2"].startswith("non-finite values")
+    assert summary["engine"]["mode"] == "deployment"
+    assert summary["data"]["contaminated"] is None and record["detection"] == {}
+    assert "no ground truth" in summary["engine"]["ground_truth"]
+    assert record["clients"][0]["metrics"]["exact_match"] == 0.25
+    assert record["clients"][2]["metrics"] == {}
+
+
+def test_unknown_module_error_reply_and_silence_stop_the_round_below_the_minimum(
+    deployment_experiment, tmp_path, caplog
+):
+    strategy, messages, initial = _strategy(deployment_experiment, tmp_path)
+    good = _trained(initial, 0)
+    unknown = {**good, "model.layers.9.mlp.up_proj": next(iter(good.values()))}
+    replies = [
+        _reply(messages[0], good),
+        _reply(messages[1], unknown),
+        Message(Error(code=5, reason="node unavailable"), reply_to=messages[2]),
+        # partition 3 never answers
+    ]
+    with caplog.at_level(logging.WARNING, logger="clair_lightning.flower"):
+        with pytest.raises(
+            FederationError, match="only 1 valid train replies, fewer than min-clients=2"
+        ):
+            strategy.aggregate_train(1, replies)
+    assert "client 1 left out: unknown module 'model.layers.9.mlp.up_proj/B'" in caplog.text
+    assert "client 2 left out: error reply (code 5): node unavailable" in caplog.text
+    assert "client 3 left out: no reply before the round timeout" in caplog.text
+
+
+def test_too_few_nodes_online_is_an_error_after_a_bounded_wait(deployment_experiment, tmp_path):
+    experiment, initial = deployment_experiment
+    strategy = ClairStrategy(experiment, initial, tmp_path / "run")
+    with pytest.raises(FederationError, match="1 SuperNode\\(s\\) online after 1 s"):
+        strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid([7]))
+
+
+def test_an_aggregator_that_needs_truth_is_refused_outside_simulation(tmp_path):
+    settings = RunSettings.from_file(
+        SMOKE, ["--aggregation.name", "oracle"], output_dir=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match="needs the ground truth, which only simulation has"):
+        prepare(settings)
+    assert not any(tmp_path.iterdir())
