@@ -6,6 +6,7 @@
     clair fit --config configs/text_copy.yaml --print_config
     clair compare --config configs/text_copy.yaml --aggregators clair,fedavg ...
     clair prepare smollm2                                            # fetch a real LLM once
+    clair flower simulate --config configs/text_copy.yaml --num-supernodes 10
 
 A run writes to ``<run.output_dir>/<run.name>/``: the resolved ``config.yaml``, ``summary.json``,
 ``adapters/client_<k>/`` (peft format), ``checkpoints/last.ckpt``, offline W&B files and CSV
@@ -160,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .prepare import main as prepare
 
         return prepare(arguments[1:])
+    if arguments[:1] == ["flower"]:
+        from .flower.__main__ import main as flower
+
+        return flower(arguments[1:])
     try:
         ClairCLI(args=None if argv is None else arguments)
     except ValueError as error:
