@@ -104,7 +104,8 @@ def train_reply(reply: Message, shapes: Shapes, simulation: bool):
 
 
 def evaluate_reply(reply: Message) -> dict[str, float]:
-    """The task metrics of an evaluate reply, or ``MalformedReply``."""
+    """The task metrics of an evaluate reply (at least ``EVALUATION_METRICS``), or
+    ``MalformedReply``."""
     error = reply_error(reply)
     if error:
         raise MalformedReply(error)
@@ -114,4 +115,8 @@ def evaluate_reply(reply: Message) -> dict[str, float]:
     missing = [name for name in EVALUATION_METRICS if name not in metrics]
     if missing:
         raise MalformedReply(f"missing metrics {missing}")
-    return {name: float(metrics[name]) for name in EVALUATION_METRICS}
+    return {
+        name: float(value)
+        for name, value in metrics.items()
+        if name != PARTITION_ID and isinstance(value, int | float)
+    }
