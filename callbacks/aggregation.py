@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..federation.adapters import read_update, write_update
+from ..federation.adapters import read_update, write_refined
 from ..federation.data import FederatedDataModule
 from ..federation.module import FederatedLoRAModule, adapter_name
 from ..jsonio import write_json
@@ -104,16 +104,11 @@ class FederatedAggregation(pl.Callback):
         result, fields = aggregate_round(
             self.name, self.options, uploads, datamodule.train_sizes, datamodule.contaminated
         )
-        truncation: dict[int, float] = {}
-        for k in clients:
-            refined = result.refined[k]
-            if all(
-                refined[m][0] is uploads[k][m][0] and refined[m][1] is uploads[k][m][1]
-                for m in refined
-            ):
-                continue  # the client keeps exactly its own adapter
-            errors = write_update(pl_module.model, adapter_name(k), refined, self._generator)
-            truncation[k] = max(errors.values())
+        started = time.perf_counter()
+        adapters = [adapter_name(k) for k in clients]
+        errors = write_refined(pl_module.model, adapters, result.refined, uploads, self._generator)
+        truncation = {k: max(module_errors.values()) for k, module_errors in errors.items()}
+        fields["write_back_seconds"] = time.perf_counter() - started
         return {"round": round_number, **fields, "truncation_error": truncation}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

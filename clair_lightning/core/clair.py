@@ -22,9 +22,10 @@ from .compression import (
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
 from .detection import centre_distance, direction_distance, near_duplicate_groups, robust_z
+from .factors import Split
 from .gram import product_gram
-from .refinement import ModuleRefinement, consensus, module_refinement, refine
-from .result import AggregationResult, RefinedUpdates
+from .refinement import ModuleRefinement, consensus, module_refinement, refine, refined_at_rank
+from .result import AggregationResult, AtRank, RefinedUpdates, at_rank
 from .subspace import RankRule, choose_rank, leading_left_singular
 from .updates import ClientUpdate, NonFinitePolicy, ValidatedUpdates, validate_updates
 
@@ -194,6 +195,7 @@ def clair_aggregate(
         refined=RefinedUpdates(
             validated.num_clients,
             _refined_builder(validated, contaminated, pieces, flagged_policy),
+            _module_at_rank(validated, contaminated, pieces, flagged_policy),
         ),
         contaminated=contaminated,
         scores=client_scores,
@@ -438,8 +440,8 @@ class _SharedRefinement:
         collaborative_set: list[int],
     ):
         self._validated = validated
-        self._subspaces = subspaces
-        self._collaborative_set = collaborative_set
+        self.subspaces = subspaces
+        self.collaborative_set = collaborative_set
         self._pieces: dict[str, ModuleRefinement] | None = None
 
     @property
@@ -447,7 +449,7 @@ class _SharedRefinement:
         if self._pieces is None:
             self._pieces = {
                 name: module_refinement(
-                    self._validated, name, self._subspaces[name], self._collaborative_set
+                    self._validated, name, self.subspaces[name], self.collaborative_set
                 )
                 for name in self._validated.module_names
             }
@@ -470,6 +472,43 @@ def _refined_builder(
         return refine(validated.updates[client], shared.pieces)
 
     return build
+
+
+def _module_at_rank(
+    validated: ValidatedUpdates,
+    contaminated: list[bool],
+    shared: _SharedRefinement,
+    flagged_policy: FlaggedPolicy,
+):
+    """``RefinedUpdates.at_rank`` for CLAIR: what every client receives, with shared work once.
+
+    Collaborative clients go through ``refined_at_rank``; the consensus is re-factorised once
+    and shared; flagged clients keeping their own update get it as ``at_rank`` gives it.
+    """
+
+    def module_at_rank(name: str, rank: int, split: Split) -> list[AtRank]:
+        collaborative = shared.collaborative_set
+        refined = refined_at_rank(
+            validated, name, shared.subspaces[name], collaborative, rank, split
+        )
+        received: list[AtRank | None] = [None] * validated.num_clients
+        for client, factors in zip(collaborative, refined, strict=True):
+            received[client] = factors
+        consensus_at_rank = None
+        for client in range(validated.num_clients):
+            if received[client] is not None:
+                continue
+            keeps_own = contaminated[client] and flagged_policy == "own"
+            if keeps_own and client not in validated.excluded:
+                received[client] = at_rank(*validated.updates[client][name], rank, split)
+                continue
+            if consensus_at_rank is None:
+                piece = module_refinement(validated, name, shared.subspaces[name], collaborative)
+                consensus_at_rank = at_rank(*piece.consensus, rank, split)
+            received[client] = consensus_at_rank
+        return received
+
+    return module_at_rank
 
 
 class _StepTimer:

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from .updates import LoraFactors
 
+Split = Literal["balanced", "orthonormal_a"]
+
 
 def stack_products(terms: Sequence[tuple[float | Tensor, Tensor, Tensor]]) -> LoraFactors:
     """Factors of ``Σ c_i B_i A_i`` without forming a dense product: ``[c_1 B_1 …] @ [A_1; …]``."""
@@ -35,7 +37,7 @@ def refactorize(
     a: Tensor,
     rank: int,
     *,
-    split: Literal["balanced", "orthonormal_a"] = "balanced",
+    split: Split = "balanced",
 ) -> Refactorized:
     """Best rank-``rank`` approximation of ``B @ A`` computed in the compact space.
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .factors import Refactorized, Split
 from .updates import ClientUpdate, LoraFactors, ValidatedUpdates
 
 
@@ -55,3 +56,184 @@ def refine(update: ClientUpdate, pieces: dict[str, ModuleRefinement]) -> ClientU
 def consensus(pieces: dict[str, ModuleRefinement]) -> ClientUpdate:
     """The collaborative set's weighted average of products (what flagged clients may receive)."""
     return {name: piece.consensus for name, piece in pieces.items()}
+
+
+def refined_at_rank(
+    validated: ValidatedUpdates,
+    name: str,
+    subspace: Tensor,
+    collaborative_set: list[int],
+    rank: int,
+    split: Split = "balanced",
+) -> list[Refactorized]:
+    """Best rank-``rank`` factors of every collaborative client's refined update, one module.
+
+    Equals ``refactorize(*refine(update_k, pieces)[name], rank, split=split)`` for each ``k`` in
+    ``collaborative_set`` (in that order) within float tolerance, but the work shared by all
+    clients is done once. The refined product ``X_k = U Uᵀ B_k A_k + N`` has ``N = (I − UUᵀ)
+    Σ w_j B_j A_j``, whose columns are orthogonal to ``U``, so ``X_kᵀX_k = Z_kᵀZ_k + NᵀN``: in an
+    orthonormal basis of the rows of the stacked ``A`` (which contain every ``A_k``) that is one
+    shared matrix ``H`` plus a rank-``r_s`` term per client. One eigendecomposition of ``H`` per
+    module makes each client's top-``rank`` eigenproblem diagonal plus low rank, solved by a
+    batched subspace iteration in float64 to a residual of ``1e-10``; the factors follow from
+    three GEMMs over all clients at once. Peak memory is a few ``d x Σr`` blocks per module.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if split not in ("balanced", "orthonormal_a"):
+        raise ValueError(f"split must be 'balanced' or 'orthonormal_a', got {split!r}")
+    dtype = validated.dtype
+    factors = [validated.updates[k][name] for k in collaborative_set]
+    widths = [b.shape[1] for b, _ in factors]
+    offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
+    blocks = [slice(offsets[i], offsets[i + 1]) for i in range(len(widths))]
+    weights = validated.weights[collaborative_set]
+    weights = (weights / weights.sum()).to(dtype)
+    column_weights = torch.repeat_interleave(weights, torch.tensor(widths, device=weights.device))
+
+    stacked_b = torch.cat([b for b, _ in factors], dim=1)
+    inside = subspace.T @ stacked_b  # r_s x Σr: each client's Uᵀ B_k side by side
+    off_b = (stacked_b - subspace @ inside) * column_weights
+    rows = _RowBasis(torch.cat([a for _, a in factors], dim=0))
+    off_core = off_b @ rows.coordinates  # N in row coordinates (d_out x n)
+    shared_eigenvalues, shared_vectors = torch.linalg.eigh(off_core.T @ off_core)
+    shared_eigenvalues = shared_eigenvalues.flip(0).clamp_min(0)
+    shared_vectors = shared_vectors.flip(1)
+    coordinates_in_eigenbasis = rows.coordinates @ shared_vectors
+    per_client = torch.stack(
+        [inside[:, block] @ coordinates_in_eigenbasis[block] for block in blocks]
+    )  # Z_k in the eigenbasis of H: K x r_s x n
+
+    count = min(rank, shared_eigenvalues.numel())
+    eigenvalues, eigenvectors = _top_eigenpairs(
+        shared_eigenvalues.to(torch.float64), per_client.to(torch.float64), count
+    )
+    total = shared_eigenvalues.to(torch.float64).sum() + per_client.to(torch.float64).square().sum(
+        dim=(1, 2)
+    )
+    dropped = (total - eigenvalues.sum(dim=1)).clamp_min(0)
+    relative_errors = torch.where(total > 0, (dropped / total.clamp_min(1e-300)).sqrt(), 0.0)
+
+    num_clients, n = per_client.shape[0], shared_eigenvalues.numel()
+    directions = shared_vectors @ eigenvectors.to(dtype).permute(1, 0, 2).reshape(n, -1)
+    off_part = off_core @ directions  # d_out x K·count
+    new_a = rows.to_rows(directions).reshape(num_clients, count, -1)
+    singular = eigenvalues.clamp_min(0).sqrt().to(dtype)
+    results = []
+    for position, block in enumerate(blocks):
+        columns = slice(position * count, (position + 1) * count)
+        direction = directions[:, columns]
+        b = off_part[:, columns] + subspace @ (
+            inside[:, block] @ (rows.coordinates[block] @ direction)
+        )
+        a = new_a[position]
+        if split == "balanced":
+            root = singular[position].sqrt()
+            inverse_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-30), 0.0)
+            b, a = b * inverse_root, root[:, None] * a
+        if count < rank:
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - count)], dim=1)
+            a = torch.cat([a, a.new_zeros(rank - count, a.shape[1])], dim=0)
+        results.append(Refactorized(b, a, float(relative_errors[position])))
+    return results
+
+
+class _RowBasis:
+    """An orthonormal basis ``Q`` of the row space of a stacking ``S`` (``Σr x d_in``), implicit.
+
+    ``coordinates`` is ``S Q`` (so ``S = coordinates @ Qᵀ``); ``to_rows(c)`` is ``(Q c)ᵀ``.
+    With at least ``d_in`` rows the basis is the identity. Otherwise ``Q = Sᵀ L⁻ᵀ`` from the
+    Cholesky factor of ``S Sᵀ = L Lᵀ``, whose orthonormality error is ``ε · cond(S Sᵀ)``: it is
+    used when that condition number is below 100, else ``Q = Sᵀ W Γ^{-½}`` from a float64
+    eigendecomposition ``S Sᵀ = W Γ Wᵀ`` that drops the numerical null space.
+    """
+
+    def __init__(self, stacked_a: Tensor):
+        self._stacked = stacked_a
+        self._lower: Tensor | None = None
+        self._row_map: Tensor | None = None
+        if stacked_a.shape[0] >= stacked_a.shape[1]:
+            self.coordinates = stacked_a
+            return
+        lower, info = torch.linalg.cholesky_ex(stacked_a @ stacked_a.T)
+        diagonal = lower.diagonal()
+        if int(info) == 0 and bool(diagonal.min() > 0.1 * diagonal.max()):
+            self.coordinates = self._lower = lower
+            return
+        self._stacked = stacked_a.to(torch.float64)
+        gamma, w = torch.linalg.eigh(self._stacked @ self._stacked.T)
+        keep = gamma > gamma.max().clamp_min(1e-300) * 1e-14
+        root = gamma[keep].sqrt()
+        self.coordinates = (w[:, keep] * root).to(stacked_a.dtype)
+        self._row_map = w[:, keep] / root
+
+    def to_rows(self, vectors: Tensor) -> Tensor:
+        if self._lower is not None:
+            coefficients = torch.linalg.solve_triangular(self._lower.T, vectors, upper=True)
+        elif self._row_map is not None:
+            coefficients = self._row_map @ vectors.to(self._row_map.dtype)
+        else:
+            return vectors.T.contiguous()
+        return (coefficients.T @ self._stacked).to(vectors.dtype)
+
+
+_OVERSAMPLING = 8
+_RESIDUAL_TOLERANCE = 1e-10
+_MAX_ITERATIONS = 60
+
+
+def _top_eigenpairs(diagonal: Tensor, low_rank: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Top ``count`` eigenpairs of ``diag(d) + Y_kᵀY_k`` for each ``Y_k`` in ``low_rank``.
+
+    ``diagonal`` is sorted descending. Batched subspace iteration with Rayleigh–Ritz, started
+    from the rows of ``Y_k`` and the leading coordinate axes (where the top eigenvectors lie
+    when the update is small or large against ``diag(d)``); a client whose Ritz residuals do not
+    fall below ``1e-10 · θ₁`` within the iteration limit gets an exact dense eigendecomposition.
+    Returns eigenvalues (K x count, descending) and eigenvectors (K x n x count).
+    """
+    num_clients, extra_rank, n = low_rank.shape
+    width = min(n, count + extra_rank + _OVERSAMPLING)
+    if n <= 2 * width:
+        return _dense_top_eigenpairs(diagonal, low_rank, count)
+    axes = torch.eye(n, width - extra_rank, dtype=low_rank.dtype, device=low_rank.device)
+    basis = torch.linalg.qr(torch.cat([low_rank.mT, axes.expand(num_clients, -1, -1)], dim=2))[0]
+    pending = torch.arange(num_clients, device=low_rank.device)
+    eigenvalues = low_rank.new_zeros(num_clients, count)
+    eigenvectors = low_rank.new_zeros(num_clients, n, count)
+    for _ in range(_MAX_ITERATIONS):
+        y = low_rank[pending]
+        applied = diagonal[:, None] * basis + y.mT @ (y @ basis)
+        ritz_values, rotation = torch.linalg.eigh(basis.mT @ applied)
+        ritz_values, rotation = ritz_values.flip(-1), rotation.flip(-1)
+        basis, applied = basis @ rotation, applied @ rotation
+        residual = applied[..., :count] - basis[..., :count] * ritz_values[:, None, :count]
+        scale = ritz_values[:, :1].abs().clamp_min(1e-300)
+        done = (torch.linalg.vector_norm(residual, dim=1) <= _RESIDUAL_TOLERANCE * scale).all(1)
+        finished = pending[done]
+        eigenvalues[finished] = ritz_values[done, :count]
+        eigenvectors[finished] = basis[done, :, :count]
+        pending, applied = pending[~done], applied[~done]
+        if pending.numel() == 0:
+            return eigenvalues, eigenvectors
+        basis = _orthonormal_columns(applied)
+    dense_values, dense_vectors = _dense_top_eigenpairs(diagonal, low_rank[pending], count)
+    eigenvalues[pending], eigenvectors[pending] = dense_values, dense_vectors
+    return eigenvalues, eigenvectors
+
+
+def _orthonormal_columns(vectors: Tensor) -> Tensor:
+    """Orthonormalise nearly orthogonal columns (Ritz vectors times ``G``) by Cholesky-QR.
+
+    Columns are scaled to unit norm first, so Cholesky-QR is exact to ``ε · cond²`` of nearly
+    orthonormal columns; a batch whose Gram is not positive definite takes a Householder QR.
+    """
+    unit = vectors / torch.linalg.vector_norm(vectors, dim=-2, keepdim=True).clamp_min(1e-300)
+    factor, info = torch.linalg.cholesky_ex(unit.mT @ unit, upper=True)
+    if bool((info != 0).any()):
+        return torch.linalg.qr(unit)[0]
+    return torch.linalg.solve_triangular(factor, unit, upper=True, left=False)
+
+
+def _dense_top_eigenpairs(diagonal: Tensor, low_rank: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    values, vectors = torch.linalg.eigh(torch.diag(diagonal) + low_rank.mT @ low_rank)
+    return values.flip(-1)[:, :count], vectors.flip(-1)[..., :count]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 from torch import Tensor
 
-from .updates import ClientUpdate
+from .factors import Refactorized, Split, refactorize
+from .updates import ClientUpdate, LoraFactors
+
+AtRank = LoraFactors | Refactorized
+ModuleAtRank = Callable[[str, int, Split], list[AtRank]]
 
 
 class RefinedUpdates(Sequence[ClientUpdate]):
@@ -16,12 +20,20 @@ class RefinedUpdates(Sequence[ClientUpdate]):
 
     Refined updates share large pieces (the averaged off-subspace part, a global aggregate);
     building all of them at once would hold K copies of those pieces. Reading ``refined[k]``
-    builds client ``k``'s factors from the shared pieces; nothing is cached.
+    builds client ``k``'s factors from the shared pieces; nothing is cached. ``at_rank`` brings
+    every client's refined update to a LoRA rank, module by module; ``module_at_rank`` lets an
+    aggregator do that with work shared across clients.
     """
 
-    def __init__(self, num_clients: int, build: Callable[[int], ClientUpdate]):
+    def __init__(
+        self,
+        num_clients: int,
+        build: Callable[[int], ClientUpdate],
+        module_at_rank: ModuleAtRank | None = None,
+    ):
         self._num_clients = num_clients
         self._build = build
+        self._module_at_rank = module_at_rank
 
     @classmethod
     def from_list(cls, updates: Sequence[ClientUpdate]) -> RefinedUpdates:
@@ -31,7 +43,35 @@ class RefinedUpdates(Sequence[ClientUpdate]):
     @classmethod
     def same_for_all(cls, update: ClientUpdate, num_clients: int) -> RefinedUpdates:
         """Every client receives the same global aggregate (shared tensors, no copy)."""
-        return cls(num_clients, lambda _client: dict(update))
+
+        def module_at_rank(name: str, rank: int, split: Split) -> list[AtRank]:
+            return [at_rank(*update[name], rank, split)] * num_clients
+
+        return cls(num_clients, lambda _client: dict(update), module_at_rank)
+
+    def at_rank(
+        self, rank: int | Mapping[str, int], split: Split = "balanced"
+    ) -> Iterator[tuple[str, list[AtRank]]]:
+        """Module by module, every client's refined update at LoRA rank ``rank`` (per module).
+
+        Yields ``(module, factors)`` with one entry per client: the refined ``(B, A)`` exactly as
+        built when it already has ``rank`` columns, else the ``Refactorized`` best rank-``rank``
+        approximation (as ``refactorize`` gives it). Only one module's results are alive at a
+        time, so a caller that writes them out (into adapters, into messages) streams.
+        """
+        names = list(rank) if isinstance(rank, Mapping) else list(self._build(0))
+        for name in names:
+            module_rank = rank[name] if isinstance(rank, Mapping) else rank
+            if self._module_at_rank is not None:
+                yield name, self._module_at_rank(name, module_rank, split)
+            else:
+                yield (
+                    name,
+                    [
+                        at_rank(*self._build(k)[name], module_rank, split)
+                        for k in range(self._num_clients)
+                    ],
+                )
 
     def __len__(self) -> int:
         return self._num_clients
@@ -53,6 +93,11 @@ class RefinedUpdates(Sequence[ClientUpdate]):
 
     def __iter__(self) -> Iterator[ClientUpdate]:
         return (self._build(k) for k in range(self._num_clients))
+
+
+def at_rank(b: Tensor, a: Tensor, rank: int, split: Split = "balanced") -> AtRank:
+    """``(B, A)`` as given when it has ``rank`` columns, else its best rank-``rank`` factors."""
+    return (b, a) if b.shape[1] == rank else refactorize(b, a, rank, split=split)
 
 
 @dataclass

@@ -6,11 +6,14 @@ LoRA scaling folded into ``B``, so ``ΔW = B @ A`` is exactly what the adapter a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from ..core import ClientUpdate, refactorize
+from ..core import ClientUpdate, LoraFactors, Refactorized, RefinedUpdates
+from ..core.result import at_rank
 
 _PREFIX = "base_model.model."
 
@@ -78,20 +81,101 @@ def fit_to_adapter(
     b, a = b.to(torch.float32), a.to(torch.float32)
     if _same_product(b, a, old_b, old_a):
         return None
-    rank = old_a.shape[0]
-    if b.shape[1] == rank:
-        new_b, new_a, error = b, a, 0.0
-    else:
-        factors = refactorize(b, a, rank)
-        new_b, new_a = align_factors(factors.b, factors.a, old_b)
-        error = factors.relative_error
+    new_b, new_a, error = _fit(at_rank(b, a, old_a.shape[0]), old_b)
     dead = new_b.abs().sum(0) == 0
     if bool(dead.any()):
-        bound = 1.0 / old_a.shape[1] ** 0.5
-        fresh = torch.rand(int(dead.sum()), old_a.shape[1], generator=generator)
         new_a = new_a.clone()
-        new_a[dead] = (fresh * 2 - 1) * bound
+        new_a[dead] = _fresh_rows(int(dead.sum()), old_a.shape[1], generator)
     return new_b, new_a, error
+
+
+@torch.no_grad()
+def fit_refined(
+    refined: RefinedUpdates,
+    uploads: Sequence[ClientUpdate],
+    current: Callable[[int, str], LoraFactors],
+    write: Callable[[int, str, torch.Tensor, torch.Tensor], None],
+    generator: torch.Generator,
+) -> dict[int, dict[str, float]]:
+    """``fit_to_adapter`` for every client and module, streaming ``refined.at_rank``.
+
+    The aggregator shares the re-factorisation work across clients (CLAIR computes each
+    module's common part once), and only one module's factors are alive at a time.
+    ``current(client, module)`` is the adapter's ``(B, A)`` (scaling folded into ``B``);
+    ``write(client, module, B, A)`` stores new factors. A module whose refined factors are the
+    client's upload itself is left alone (a flagged client keeping its own adapter); so is one
+    whose product is unchanged. Dead directions are re-drawn (``write`` is called again) after
+    all modules, client by client in the upload's module order, so the draws are those of
+    ``fit_to_adapter`` called client by client. Returns, per client with a module considered,
+    each module's truncation error.
+    """
+    ranks = {name: current(0, name)[1].shape[0] for name in uploads[0]}
+    errors: dict[int, dict[str, float]] = {}
+    dead: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for name, received in refined.at_rank(ranks):
+        for client, factors in enumerate(received):
+            upload_b, upload_a = uploads[client][name]
+            if isinstance(factors, tuple) and factors[0] is upload_b and factors[1] is upload_a:
+                continue
+            old_b, old_a = current(client, name)
+            if old_a.shape[0] != ranks[name]:
+                raise ValueError(f"module {name!r}: the adapters have different LoRA ranks")
+            new_b, new_a, errors.setdefault(client, {})[name] = _fit(factors, old_b)
+            if _same_product(new_b, new_a, old_b, old_a):
+                continue
+            write(client, name, new_b, new_a)
+            columns = new_b.abs().sum(0) == 0
+            if bool(columns.any()):
+                dead[client, name] = (new_b, new_a, columns)
+    for client in range(len(uploads)):
+        for name in uploads[client]:
+            if (client, name) in dead:
+                new_b, new_a, columns = dead[client, name]
+                new_a = new_a.clone()
+                new_a[columns] = _fresh_rows(int(columns.sum()), new_a.shape[1], generator)
+                write(client, name, new_b, new_a)
+    return errors
+
+
+@torch.no_grad()
+def write_refined(
+    model: PeftModel,
+    adapters: Sequence[str],
+    refined: RefinedUpdates,
+    uploads: Sequence[ClientUpdate],
+    generator: torch.Generator,
+) -> dict[int, dict[str, float]]:
+    """``fit_refined`` into the model's adapters (``adapters[k]`` holds client ``k``)."""
+    layers = lora_layers(model)
+
+    def current(client: int, module: str) -> LoraFactors:
+        layer, adapter = layers[module], adapters[client]
+        b = layer.lora_B[adapter].weight.float() * layer.scaling[adapter]
+        return b, layer.lora_A[adapter].weight.float()
+
+    def write(client: int, module: str, b: torch.Tensor, a: torch.Tensor) -> None:
+        layer, adapter = layers[module], adapters[client]
+        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        lora_b.copy_((b / layer.scaling[adapter]).to(lora_b.dtype))
+        lora_a.copy_(a.to(lora_a.dtype))
+
+    return fit_refined(refined, uploads, current, write, generator)
+
+
+def _fit(factors: LoraFactors | Refactorized, old_b: torch.Tensor):
+    """Rank-r factors to store: ``Refactorized`` ones rotated onto the adapter's ``B``, a pair
+    already at the rank as given (float32), with the truncation error."""
+    if isinstance(factors, Refactorized):
+        b, a = factors.b.to(torch.float32), factors.a.to(torch.float32)
+        return (*align_factors(b, a, old_b), factors.relative_error)
+    b, a = factors
+    return b.to(torch.float32), a.to(torch.float32), 0.0
+
+
+def _fresh_rows(count: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """``A`` rows drawn as peft initialises them, for directions whose ``B`` column is zero."""
+    bound = 1.0 / width**0.5
+    return (torch.rand(count, width, generator=generator) * 2 - 1) * bound
 
 
 @torch.no_grad()

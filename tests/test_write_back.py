@@ -1,0 +1,172 @@
+"""Write-back at a LoRA rank: the shared-work path equals re-factorising each refined update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clair_lightning import clair_aggregate, refactorize
+from clair_lightning.core import RefinedUpdates
+from clair_lightning.core.baselines import fedavg
+from clair_lightning.core.factors import Refactorized
+from clair_lightning.core.refinement import module_refinement, refine, refined_at_rank
+from clair_lightning.core.result import at_rank
+from clair_lightning.core.synthetic import synthetic_federation
+from clair_lightning.core.updates import validate_updates
+from clair_lightning.federation import ConfigBase, FederatedLoRAModule
+from clair_lightning.federation.adapters import (
+    read_update,
+    write_refined,
+    write_update,
+)
+
+from .test_federation import TINY_LLAMA
+
+
+def _federation(num_clients, d_out, d_in, rank, dtype, subspace_rank=None, shared_a=False):
+    generator = torch.Generator().manual_seed(0)
+    updates = synthetic_federation(
+        num_clients,
+        d_out=d_out,
+        d_in=d_in,
+        rank=rank,
+        subspace_rank=subspace_rank or rank,
+        noise=0.05,
+        generator=generator,
+        dtype=dtype,
+    ).updates
+    updates = [dict(update) for update in updates]
+    if shared_a:  # clients that started from one adapter: nearly identical A (ill-conditioned)
+        for update in updates:
+            for name, (b, a) in update.items():
+                noise = torch.randn(a.shape, generator=generator, dtype=dtype)
+                update[name] = (b, updates[0][name][1] + 1e-3 * noise)
+    return updates
+
+
+def _straightforward(validated, name, subspace, collaborative, rank, split):
+    pieces = {name: module_refinement(validated, name, subspace, collaborative)}
+    return [
+        refactorize(*refine({name: validated.updates[k][name]}, pieces)[name], rank, split=split)
+        for k in collaborative
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "rank", "options", "tolerance"),
+    [
+        ((12, 40, 30, 3), torch.float64, 3, {}, 1e-7),  # Σr >= d_in: identity row basis
+        ((12, 40, 30, 3), torch.float64, 50, {}, 1e-7),  # rank above the product's: zero padding
+        ((12, 40, 80, 4), torch.float64, 4, {}, 1e-7),  # Cholesky row basis, subspace iteration
+        ((12, 40, 80, 4), torch.float32, 4, {}, 1e-5),
+        ((12, 40, 80, 4), torch.float32, 4, {"shared_a": True}, 1e-5),  # float64 row basis
+        ((12, 40, 80, 4), torch.float64, 6, {"subspace_rank": 2}, 1e-7),  # noise directions too
+    ],
+)
+@pytest.mark.parametrize("split", ["balanced", "orthonormal_a"])
+def test_refined_at_rank_equals_refactorizing_each_refined_update(
+    shape, dtype, rank, options, tolerance, split
+):
+    num_clients, d_out, d_in, client_rank = shape
+    updates = _federation(num_clients, d_out, d_in, client_rank, dtype, **options)
+    result = clair_aggregate(updates)
+    validated = validate_updates(updates)
+    collaborative = result.collaborative_set
+    for name in validated.module_names:
+        subspace = result.subspaces[name]
+        fast = refined_at_rank(validated, name, subspace, collaborative, rank, split)
+        slow = _straightforward(validated, name, subspace, collaborative, rank, split)
+        for ours, reference in zip(fast, slow, strict=True):
+            assert ours.b.shape == reference.b.shape and ours.a.shape == reference.a.shape
+            assert ours.b.dtype == dtype
+            product, expected = ours.b @ ours.a, reference.b @ reference.a
+            assert float((product - expected).norm() / expected.norm()) < tolerance
+            assert ours.relative_error == pytest.approx(reference.relative_error, abs=1e-5)
+            if split == "balanced":
+                torch.testing.assert_close(
+                    ours.b.norm(dim=0), ours.a.norm(dim=1), rtol=1e-4, atol=1e-6
+                )
+            else:
+                kept = ours.a.norm(dim=1) > 0
+                gram = ours.a[kept] @ ours.a[kept].T
+                torch.testing.assert_close(
+                    gram, torch.eye(len(gram), dtype=dtype), atol=1e-5, rtol=0
+                )
+
+
+@pytest.mark.parametrize("flagged_policy", ["own", "consensus"])
+def test_at_rank_gives_every_client_what_refined_holds(flagged_policy):
+    updates = _federation(10, 24, 40, 3, torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    updates[2] = {
+        name: (50 * torch.randn(b.shape, generator=generator, dtype=b.dtype), a)
+        for name, (b, a) in updates[2].items()
+    }
+    updates[5] = {name: (b * float("nan"), a) for name, (b, a) in updates[5].items()}
+    result = clair_aggregate(updates, flagged_policy=flagged_policy, nonfinite="exclude")
+    assert result.contaminated[2] and 5 in result.excluded
+    streamed = dict(result.refined.at_rank(3))
+    assert sorted(streamed) == sorted(updates[0])
+    for name, received in streamed.items():
+        assert len(received) == 10
+        for k, factors in enumerate(received):
+            expected = at_rank(*result.refined[k][name], 3)
+            if k == 2 and flagged_policy == "own":
+                assert factors[0] is updates[2][name][0]  # its own upload, untouched
+                continue
+            assert isinstance(factors, Refactorized)
+            torch.testing.assert_close(factors.b @ factors.a, expected.b @ expected.a)
+        assert received[5] is received[2 if flagged_policy == "consensus" else 5]
+
+
+def test_a_global_aggregate_is_refactorized_once_per_module():
+    updates = _federation(6, 24, 40, 3, torch.float64)
+    result = fedavg(updates)
+    for name, received in result.refined.at_rank({"layers.0.proj": 3}):
+        assert all(factors is received[0] for factors in received)
+        expected = refactorize(*result.refined[0][name], 3)
+        torch.testing.assert_close(received[0].b @ received[0].a, expected.b @ expected.a)
+
+
+@pytest.mark.parametrize("aggregator", ["clair", "rank_one"])
+def test_write_refined_writes_the_adapters_as_write_update_does_client_by_client(aggregator):
+    """Same adapters, same truncation errors, same random re-draws as the per-client path.
+
+    ``rank_one`` gives every client one update at rank 2 whose second column of B is zero:
+    every adapter gets that dead direction re-drawn, in the same order as client by client.
+    """
+    streamed = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=6, lora_rank=2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in streamed.model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(generator=generator)
+            if "lora_B" in name and "client_4" in name and aggregator == "clair":
+                parameter.zero_()  # flagged, keeps its own adapter
+    reference = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=6, lora_rank=2)
+    reference.model.load_state_dict(streamed.model.state_dict())
+    adapters = [f"client_{k}" for k in range(6)]
+    uploads = [read_update(streamed.model, adapter) for adapter in adapters]
+    if aggregator == "clair":
+        refined = clair_aggregate(uploads, threshold=2.0).refined
+    else:
+        rank_one = {name: (b * (torch.arange(2) == 0), a) for name, (b, a) in uploads[0].items()}
+        refined = RefinedUpdates.same_for_all(rank_one, 6)
+
+    errors = write_refined(
+        streamed.model, adapters, refined, uploads, torch.Generator().manual_seed(3)
+    )
+    draws = torch.Generator().manual_seed(3)
+    for k, adapter in enumerate(adapters):
+        if all(refined[k][m][0] is uploads[k][m][0] for m in uploads[k]):
+            assert k not in errors
+            continue
+        expected = write_update(reference.model, adapter, refined[k], draws)
+        assert errors[k] == pytest.approx(expected, abs=1e-4)
+    assert len(errors) == (5 if aggregator == "clair" else 6)
+    redrawn = not torch.equal(draws.get_state(), torch.Generator().manual_seed(3).get_state())
+    assert redrawn == (aggregator == "rank_one")
+    for (name, ours), theirs in zip(
+        streamed.model.named_parameters(), reference.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3, msg=name)
