@@ -30,7 +30,7 @@ from clair_lightning import clair_aggregate  # noqa: E402
 from clair_lightning.compare.report import update_readme  # noqa: E402
 from clair_lightning.core import contaminate  # noqa: E402
 
-ENERGIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
+ENERGIES = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.3, 0.7)
 FIGURE = Path("docs/adaptive_worst_case.png")
 
 

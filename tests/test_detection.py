@@ -73,11 +73,33 @@ def test_a_direction_carried_by_a_colluding_minority_leaves_the_subspace():
         federation.updates, [k in attackers for k in range(K)], "a_little_is_enough"
     )
     everyone = clair_aggregate(updates, checks=("off_subspace", "direction", "norm"))
-    result = clair_aggregate(updates)
+    result = clair_aggregate(updates, checks=("off_subspace", "direction", "norm", "collusion"))
     true_ranks = {name: u.shape[1] for name, u in federation.subspaces.items()}
     assert not any(everyone.contaminated)
     assert any(everyone.diagnostics["subspace_ranks"][n] > r for n, r in true_ranks.items())
     assert result.contaminated == [k in attackers for k in range(K)]
+    assert result.diagnostics["subspace_ranks"] == true_ranks
+    for name, truth in federation.subspaces.items():
+        assert _subspace_error(result.subspaces[name], truth) < 0.2
+
+
+def test_a_direction_carried_by_a_minority_of_distinct_clients_leaves_the_subspace():
+    """Eight attackers (40%) keep their own updates and share one off-subspace column: not
+    near-duplicates, but the column is carried by fewer than half of the clients."""
+    federation = _federation(seed=2)
+    attackers = list(range(1, 17, 2))
+    updates = contaminate(
+        federation.updates, [k in attackers for k in range(K)], "rank1_off_subspace"
+    )
+    without = clair_aggregate(updates, checks=("off_subspace", "direction", "norm", "collusion"))
+    result = clair_aggregate(updates)
+    true_ranks = {name: u.shape[1] for name, u in federation.subspaces.items()}
+    assert not any(without.contaminated)
+    assert any(without.diagnostics["subspace_ranks"][n] > r for n, r in true_ranks.items())
+    assert result.contaminated == [k in attackers for k in range(K)]
+    support = result.score_components["support_z"]
+    closeness = result.score_components["closeness_z"]
+    assert all(support[k] > THRESHOLD and closeness[k] < THRESHOLD for k in attackers)
     assert result.diagnostics["subspace_ranks"] == true_ranks
     for name, truth in federation.subspaces.items():
         assert _subspace_error(result.subspaces[name], truth) < 0.2

@@ -30,10 +30,11 @@ from .subspace import RankRule, choose_rank, leading_left_singular
 from .updates import ClientUpdate, NonFinitePolicy, ValidatedUpdates, validate_updates
 
 FlaggedPolicy = Literal["own", "consensus"]
-Check = Literal["off_subspace", "direction", "norm", "collusion"]
-CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion")
+Check = Literal["off_subspace", "direction", "norm", "collusion", "support"]
+CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion", "support")
 _MAX_DETECTION_ROUNDS = 5
 _CLEAN_SHARE = 1e-3
+_SUPPORT_RATIO = 0.05
 
 
 def clair_aggregate(
@@ -75,7 +76,10 @@ def clair_aggregate(
             shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
             in-subspace coefficients), ``norm`` (log of the update norm, two-sided),
             ``collusion`` (a group of at least three near-identical clients, flagged only when
-            measured against everyone else it also leaves their subspace or is too typical).
+            measured against everyone else it also leaves their subspace or is too typical),
+            ``support`` (clients carrying a direction of the shared subspace that fewer than
+            half of the clients carry, flagged when they leave the subspace re-estimated
+            without them).
         off_subspace_floor, direction_floor, norm_floor: smallest scale of each robust z-score,
             so near-identical benign clients are not flagged for tiny deviations: with the
             default threshold a direction flag needs a cosine at least 0.34 below the typical
@@ -147,25 +151,28 @@ def clair_aggregate(
     statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
     flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
     flags = flags | ("direction" in checks) & (direction_z > threshold)
-    module_scales = {
-        module.name: float(module.norms.median().clamp_min(1e-30)) for module in modules
-    }
-    products = product_gram(validated, clients, module_scales)
-    closeness_z, groups = near_duplicate_groups(products, threshold, collusion_floor)
-    group_z = torch.zeros_like(closeness_z)
-    for group in groups:
-        group_z[group] = _group_evidence(
+    timer.lap("detect")
+
+    closeness_z = group_z = support_z = torch.zeros_like(off_z)
+    if "collusion" in checks:
+        closeness_z, group_z = _collusion(
+            validated,
+            modules,
             subspace_estimator,
-            products,
-            group,
             ~flags,
-            client_weights,
+            threshold,
+            collusion_floor,
             (off_subspace_floor, typical_floor),
         )
-    statistics["collusion"] = group_z
+        flags = flags | (group_z > threshold)
+    if "support" in checks:
+        support_z = _minority_support(
+            subspace_estimator, core_subspaces, ~flags, off_subspace_floor
+        )
+        flags = flags | (support_z > threshold)
+    statistics.update(collusion=group_z, support=support_z)
     scores = torch.stack([statistics[check] for check in checks]).max(dim=0).values
-    flags = flags | ("collusion" in checks) & (group_z > threshold)
-    timer.lap("detect")
+    timer.lap("collusion_support")
 
     collaborative = ~flags
     if not bool(collaborative.any()):
@@ -190,6 +197,7 @@ def clair_aggregate(
         "norm_z": norm_z,
         "closeness_z": closeness_z,
         "collusion_z": group_z,
+        "support_z": support_z,
     }
     return AggregationResult(
         refined=RefinedUpdates(
@@ -318,6 +326,33 @@ class _SubspaceEstimator:
             bases.append(basis[:, :rank])
         return bases
 
+    def minority_carriers(self, core_bases: list[Tensor], members: Tensor) -> Tensor:
+        """Members carrying a direction of the shared subspace that most members do not carry.
+
+        Each member's own support is the span of its coefficients ``Uᵀ Θ̂_k`` along singular
+        directions at least ``_SUPPORT_RATIO`` of its largest (its estimation noise inside the
+        subspace is far below). The eigenvalues of the members' mean support projector are the
+        share of members carrying each direction: about 1 for a shared direction, the group's
+        share for one a group added. Carriers of a direction below one half are returned.
+        """
+        carriers = torch.zeros_like(members)
+        index = members.nonzero().flatten()
+        for module, core, basis in zip(self._modules, self._cores, core_bases, strict=True):
+            coefficients = basis.T @ core.matrix
+            projectors = []
+            for position in index.tolist():
+                left, singular, _ = torch.linalg.svd(
+                    coefficients[:, module.block_owner == position], full_matrices=False
+                )
+                own = left[:, singular >= _SUPPORT_RATIO * singular[0].clamp_min(1e-300)]
+                projectors.append((own @ own.T).to(torch.float64))
+            stacked = torch.stack(projectors)
+            share, directions = torch.linalg.eigh(stacked.mean(dim=0))
+            for direction in directions[:, share < 0.5].T:
+                carried = torch.einsum("i,kij,j->k", direction, stacked, direction) > 0.5
+                carriers[index[carried]] = True
+        return carriers
+
     def residual_fraction(self, core_bases: list[Tensor]) -> Tensor:
         """``‖(I − UUᵀ) Θ̂_k‖_F / ‖Θ̂_k‖_F`` per client, unit-norm blocks pooled over modules."""
         device = self._cores[0].matrix.device
@@ -359,6 +394,48 @@ def _settle_off_subspace_flags(
         if torch.equal(settled, flags) or rounds == _MAX_DETECTION_ROUNDS:
             return bases, residual, off_z, rounds
         flags = settled
+
+
+def _collusion(
+    validated: ValidatedUpdates,
+    modules: list[CompressedModule],
+    estimator: _SubspaceEstimator,
+    reference: Tensor,
+    threshold: float,
+    floor: float,
+    evidence_floors: tuple[float, float],
+) -> tuple[Tensor, Tensor]:
+    """Closeness z-scores and, for members of near-duplicate groups, the evidence against them.
+
+    The Gram matrix is that of the exact products (from factors), each module scaled by its
+    median client norm so every module weighs alike.
+    """
+    scales = {module.name: float(module.norms.median().clamp_min(1e-30)) for module in modules}
+    products = product_gram(validated, modules[0].clients, scales)
+    closeness_z, groups = near_duplicate_groups(products, threshold, floor)
+    group_z = torch.zeros_like(closeness_z)
+    weights = validated.weights[modules[0].clients]
+    for group in groups:
+        group_z[group] = _group_evidence(
+            estimator, products, group, reference, weights, evidence_floors
+        )
+    return closeness_z, group_z
+
+
+def _minority_support(
+    estimator: _SubspaceEstimator, core_bases: list[Tensor], reference: Tensor, floor: float
+) -> Tensor:
+    """Off-subspace z-scores of the carriers of minority directions, against the rest's subspace.
+
+    Zero for everyone else, and for everyone when the carriers are not a minority.
+    """
+    carriers = estimator.minority_carriers(core_bases, reference)
+    support_z = torch.zeros(len(reference), dtype=torch.float64, device=reference.device)
+    rest = reference & ~carriers
+    if bool(carriers.any()) and int(rest.sum()) > int(carriers.sum()):
+        residual = estimator.residual_fraction(estimator.estimate(rest))
+        support_z[carriers] = robust_z(residual, rest, floor)[carriers]
+    return support_z
 
 
 def _group_evidence(
