@@ -72,6 +72,8 @@ def test_tiny_grid_writes_a_report_that_agrees_with_results(tmp_path, capsys):
         if g["aggregator"] == "clair" and g["contamination"] == "random_targets"
     )
     assert re.search(rf"\| clair \| random_targets \| .* \| {clair['f1']:.3f} \|", text)
+    scenarios = (out / "scenario_table.md").read_text()
+    assert f"| random_targets | {clair['f1']:.3f} | {clair['auroc']:.3f} |" in scenarios
     table = (out / "readme_table.md").read_text()
     assert "| linear_regression | clair |" in table
     assert table in readme.read_text() and readme.read_text().startswith("# Project")

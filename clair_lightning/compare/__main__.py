@@ -51,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="README",
         help="write the results table into this README between markers",
     )
+    parser.add_argument(
+        "--readme-block",
+        default=None,
+        help="marker name of the README block (default compare:<recipe>)",
+    )
+    parser.add_argument(
+        "--per-scenario",
+        action="store_true",
+        help="the README block is one row per scenario instead of one per aggregator",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -71,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.output / "report.md").write_text(report.markdown(results, command))
     table = report.readme_table(results)
     (args.output / "readme_table.md").write_text(table)
+    scenarios = report.scenario_table(results)
+    (args.output / "scenario_table.md").write_text(scenarios)
     images = report.plots(results, args.output)
     if not args.no_wandb:
         report.log_to_wandb(
@@ -81,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             log_cells=comparison["recipe"] == "linear_regression",
         )
     if args.update_readme:
-        report.update_readme(args.update_readme, f"compare:{results['recipe']}", table)
+        block = args.readme_block or f"compare:{results['recipe']}"
+        report.update_readme(args.update_readme, block, scenarios if args.per_scenario else table)
     print((args.output / "report.md").read_text())
     failed = [v for v in results["claims"] if v["holds"] is False]
     for verdict in failed:

@@ -254,6 +254,29 @@ def readme_table(results: dict) -> str:
     )
 
 
+def scenario_table(results: dict) -> str:
+    """One row per scenario: CLAIR's detection F1, AUROC and FPR, then every aggregator's
+    benign metric (mean over seeds, last round)."""
+    metric = results["task"]["metric"]
+    grid = results["grid"]
+    groups = {(g["aggregator"], g["contamination"]): g for g in results["groups"]}
+    detection = ["F1", "AUROC", "FPR"] if "clair" in grid["aggregators"] else []
+    header = ["scenario", *(f"CLAIR {name}" for name in detection)]
+    header += [f"{aggregator} {metric}" for aggregator in grid["aggregators"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for contamination in grid["contaminations"]:
+        cells = [contamination]
+        if detection:
+            clair = groups[("clair", contamination)]
+            cells += [_fmt(clair[name]) for name in ("f1", "auroc", "fpr")]
+        cells += [f"{groups[(a, contamination)]['final_benign']:.4f}" for a in grid["aggregators"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (
+        f"\n\nPer scenario, mean over {len(grid['seeds'])} seeds (detection over all rounds; "
+        "`–`: undefined, no contaminated client).\n"
+    )
+
+
 def update_readme(readme: Path, block_name: str, text: str) -> None:
     """Replace (or append) the generated block ``<!-- block_name:start/end -->`` in a README."""
     start, end = f"<!-- {block_name}:start -->", f"<!-- {block_name}:end -->"

@@ -34,7 +34,7 @@ Check = Literal["off_subspace", "direction", "norm", "collusion", "support"]
 CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion", "support")
 _MAX_DETECTION_ROUNDS = 5
 _CLEAN_SHARE = 1e-3
-_SUPPORT_RATIO = 0.05
+_SUPPORT_FACTOR = 10.0
 
 
 def clair_aggregate(
@@ -329,22 +329,27 @@ class _SubspaceEstimator:
     def minority_carriers(self, core_bases: list[Tensor], members: Tensor) -> Tensor:
         """Members carrying a direction of the shared subspace that most members do not carry.
 
-        Each member's own support is the span of its coefficients ``Uᵀ Θ̂_k`` along singular
-        directions at least ``_SUPPORT_RATIO`` of its largest (its estimation noise inside the
-        subspace is far below). The eigenvalues of the members' mean support projector are the
-        share of members carrying each direction: about 1 for a shared direction, the group's
-        share for one a group added. Carriers of a direction below one half are returned.
+        Each member's own support is the span of its coefficients ``Uᵀ Θ̂_k`` along the
+        directions whose energy is at least ``_SUPPORT_FACTOR`` times its energy per direction
+        outside the subspace (its estimation noise, which reaches every direction alike). The
+        eigenvalues of the members' mean support projector are the share of members carrying
+        each direction: about 1 for a shared direction, the group's share for one a group
+        added. Carriers of a direction below one half are returned.
         """
         carriers = torch.zeros_like(members)
         index = members.nonzero().flatten()
         for module, core, basis in zip(self._modules, self._cores, core_bases, strict=True):
             coefficients = basis.T @ core.matrix
+            free_directions = max(module.stacked.shape[0] - basis.shape[1], 1)
+            relative_floor = numerical_floor(core.matrix.dtype) ** 2
             projectors = []
             for position in index.tolist():
-                left, singular, _ = torch.linalg.svd(
-                    coefficients[:, module.block_owner == position], full_matrices=False
-                )
-                own = left[:, singular >= _SUPPORT_RATIO * singular[0].clamp_min(1e-300)]
+                block = coefficients[:, module.block_owner == position]
+                inside = float(block.square().sum())
+                noise = max(1.0 - inside, 0.0) / free_directions
+                left, singular, _ = torch.linalg.svd(block, full_matrices=False)
+                floor = max(_SUPPORT_FACTOR * noise, relative_floor * inside, 1e-300)
+                own = left[:, singular.square() >= floor]
                 projectors.append((own @ own.T).to(torch.float64))
             stacked = torch.stack(projectors)
             share, directions = torch.linalg.eigh(stacked.mean(dim=0))
