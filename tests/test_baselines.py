@@ -152,6 +152,20 @@ def test_median_is_the_coordinate_wise_median(num_clients, chunk_elements):
     assert result.contaminated == [False] * num_clients
 
 
+@pytest.mark.parametrize("num_clients", [7, 8])
+def test_median_by_selection_equals_the_sorted_middle_bitwise(num_clients):
+    """The partition-based median gives exactly the values of sorting along the clients."""
+    updates = _random_updates(num_clients, seed=9)
+    updates = [{n: (b.float(), a.float()) for n, (b, a) in u.items()} for u in updates]
+    updates[3] = updates[1]  # ties between clients
+    products = {n: torch.stack([b @ a for b, a in (u[n] for u in updates)]) for n in MODULES}
+    result = median(updates, chunk_elements=30)
+    for name, stacked in products.items():
+        ordered = stacked.sort(dim=0).values
+        expected = (ordered[(num_clients - 1) // 2] + ordered[num_clients // 2]) / 2
+        assert torch.equal(_dense(result.refined[0])[name], expected)
+
+
 @pytest.mark.parametrize(("trim_fraction", "cut"), [(0.2, 1), (0.0, 0), (0.3, 2), (0.45, 3)])
 def test_trimmed_mean_drops_the_extremes_per_coordinate(trim_fraction, cut):
     updates = _random_updates(7, seed=4)

