@@ -23,7 +23,7 @@ from clair_lightning.federation.adapters import (
 from .test_federation import TINY_LLAMA
 
 
-def _federation(num_clients, d_out, d_in, rank, dtype, subspace_rank=None, shared_a=False):
+def _federation(num_clients, d_out, d_in, rank, dtype, subspace_rank=None, shared_a=None):
     generator = torch.Generator().manual_seed(0)
     updates = synthetic_federation(
         num_clients,
@@ -36,11 +36,11 @@ def _federation(num_clients, d_out, d_in, rank, dtype, subspace_rank=None, share
         dtype=dtype,
     ).updates
     updates = [dict(update) for update in updates]
-    if shared_a:  # clients that started from one adapter: nearly identical A (ill-conditioned)
+    if shared_a is not None:  # clients that started from one adapter: A nearly or exactly equal
         for update in updates:
             for name, (b, a) in update.items():
                 noise = torch.randn(a.shape, generator=generator, dtype=dtype)
-                update[name] = (b, updates[0][name][1] + 1e-3 * noise)
+                update[name] = (b, updates[0][name][1] + shared_a * noise)
     return updates
 
 
@@ -59,7 +59,8 @@ def _straightforward(validated, name, subspace, collaborative, rank, split):
         ((12, 40, 30, 3), torch.float64, 50, {}, 1e-7),  # rank above the product's: zero padding
         ((12, 40, 80, 4), torch.float64, 4, {}, 1e-7),  # Cholesky row basis, subspace iteration
         ((12, 40, 80, 4), torch.float32, 4, {}, 1e-5),
-        ((12, 40, 80, 4), torch.float32, 4, {"shared_a": True}, 1e-5),  # float64 row basis
+        ((12, 40, 80, 4), torch.float32, 4, {"shared_a": 1e-3}, 1e-5),  # float64 Cholesky
+        ((12, 40, 80, 4), torch.float32, 4, {"shared_a": 0.0}, 1e-5),  # singular: eigh basis
         ((12, 40, 80, 4), torch.float64, 6, {"subspace_rank": 2}, 1e-7),  # noise directions too
     ],
 )

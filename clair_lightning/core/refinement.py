@@ -143,9 +143,11 @@ class _RowBasis:
 
     ``coordinates`` is ``S Q`` (so ``S = coordinates @ Qᵀ``); ``to_rows(c)`` is ``(Q c)ᵀ``.
     With at least ``d_in`` rows the basis is the identity. Otherwise ``Q = Sᵀ L⁻ᵀ`` from the
-    Cholesky factor of ``S Sᵀ = L Lᵀ``, whose orthonormality error is ``ε · cond(S Sᵀ)``: it is
-    used when that condition number is below 100, else ``Q = Sᵀ W Γ^{-½}`` from a float64
-    eigendecomposition ``S Sᵀ = W Γ Wᵀ`` that drops the numerical null space.
+    Cholesky factor of ``S Sᵀ = L Lᵀ``; its orthonormality error is ``ε · cond(S Sᵀ)``, so the
+    working precision is used only when the factor's diagonal spans less than 10x (clients'
+    ``A`` nearly independent), float64 otherwise (clients that started from one adapter have
+    nearly equal ``A``). A Gram singular even in float64 takes an eigendecomposition that drops
+    the numerical null space.
     """
 
     def __init__(self, stacked_a: Tensor):
@@ -156,12 +158,17 @@ class _RowBasis:
             self.coordinates = stacked_a
             return
         lower, info = torch.linalg.cholesky_ex(stacked_a @ stacked_a.T)
-        diagonal = lower.diagonal()
-        if int(info) == 0 and bool(diagonal.min() > 0.1 * diagonal.max()):
+        if _well_conditioned(lower, info, 0.1):
             self.coordinates = self._lower = lower
             return
         self._stacked = stacked_a.to(torch.float64)
-        gamma, w = torch.linalg.eigh(self._stacked @ self._stacked.T)
+        gram = self._stacked @ self._stacked.T
+        lower, info = torch.linalg.cholesky_ex(gram)
+        if _well_conditioned(lower, info, 1e-6):
+            self._lower = lower
+            self.coordinates = lower.to(stacked_a.dtype)
+            return
+        gamma, w = torch.linalg.eigh(gram)
         keep = gamma > gamma.max().clamp_min(1e-300) * 1e-14
         root = gamma[keep].sqrt()
         self.coordinates = (w[:, keep] * root).to(stacked_a.dtype)
@@ -169,12 +176,20 @@ class _RowBasis:
 
     def to_rows(self, vectors: Tensor) -> Tensor:
         if self._lower is not None:
-            coefficients = torch.linalg.solve_triangular(self._lower.T, vectors, upper=True)
+            coefficients = torch.linalg.solve_triangular(
+                self._lower.T, vectors.to(self._lower.dtype), upper=True
+            )
         elif self._row_map is not None:
             coefficients = self._row_map @ vectors.to(self._row_map.dtype)
         else:
             return vectors.T.contiguous()
         return (coefficients.T @ self._stacked).to(vectors.dtype)
+
+
+def _well_conditioned(lower: Tensor, info: Tensor, ratio: float) -> bool:
+    """Cholesky succeeded and the factor's diagonal spans less than ``1 / ratio``."""
+    diagonal = lower.diagonal()
+    return int(info) == 0 and bool(diagonal.min() > ratio * diagonal.max())
 
 
 _OVERSAMPLING = 8
