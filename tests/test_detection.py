@@ -5,6 +5,7 @@ import torch
 from clair_lightning import clair_aggregate
 from clair_lightning.core.attacks import contaminate
 from clair_lightning.core.synthetic import synthetic_federation
+from clair_lightning.recipes.linear_regression.data import make_federation
 
 K = 20
 THRESHOLD = 4.5
@@ -103,3 +104,22 @@ def test_a_direction_carried_by_a_minority_of_distinct_clients_leaves_the_subspa
     assert result.diagnostics["subspace_ranks"] == true_ranks
     for name, truth in federation.subspaces.items():
         assert _subspace_error(result.subspaces[name], truth) < 0.2
+
+
+def test_copies_do_not_shrink_the_robust_scales():
+    """Eight mimics copying one regression client (nine identical of twenty) would shrink the
+    MAD of the off-subspace share and flag an ordinary benign client; counting each group of
+    copies once as a reference client keeps the scale of the independent clients."""
+    settings = {
+        "num_clients": 20, "d_out": 30, "d_in": 20, "subspace_rank": 3, "samples": 50,
+        "noise": 1.0, "heterogeneity": 1.0,
+    }  # fmt: skip
+    federation = make_federation(**settings, contaminated_fraction=0.0, seed=0)
+    mimics = [k in (4, 7, 10, 11, 13, 14, 16, 17) for k in range(20)]
+    updates = contaminate(federation.updates, mimics, "mimic", victim=0)
+    weights = federation.sample_counts
+    scaled_by_copies = clair_aggregate(updates, weights, checks=("off_subspace",))
+    result = clair_aggregate(updates, weights)
+    assert any(scaled_by_copies.contaminated)
+    assert not any(result.contaminated)
+    assert all(result.score_components["closeness_z"][k] > THRESHOLD for k in (0, 4, 7, 17))

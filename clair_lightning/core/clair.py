@@ -131,12 +131,18 @@ def clair_aggregate(
     timer.lap("decompose")
 
     everyone = torch.ones(len(clients), dtype=torch.bool, device=validated.device)
+    products, closeness_z, groups = None, torch.zeros(len(clients), dtype=torch.float64), []
+    if "collusion" in checks:
+        products = _scaled_product_gram(validated, modules)
+        closeness_z, groups = near_duplicate_groups(products, threshold, collusion_floor)
+    independent = _one_per_group(everyone, groups)
+    timer.lap("collusion_groups")
     subspace_estimator = _SubspaceEstimator(
         validated, modules, cores, decomposition, subspace_rank, max_subspace_rank, generator
     )
-    decomposition_z = robust_z(decomposition.sparse_fraction, everyone, off_subspace_floor)
+    decomposition_z = robust_z(decomposition.sparse_fraction, independent, off_subspace_floor)
     core_subspaces, residual, off_z, rounds = _settle_off_subspace_flags(
-        subspace_estimator, decomposition_z > threshold, off_subspace_floor, threshold
+        subspace_estimator, decomposition_z > threshold, independent, off_subspace_floor, threshold
     )
     flags = (off_z > threshold) if "off_subspace" in checks else ~everyone
     reference = ~flags
@@ -145,29 +151,30 @@ def clair_aggregate(
 
     coefficient_gram, log_norm = _within_subspace_statistics(validated, modules, subspaces)
     client_weights = validated.weights[clients]
-    direction = direction_distance(coefficient_gram, reference, client_weights)
-    direction_z = robust_z(direction, reference, direction_floor)
-    norm_z = robust_z(log_norm, reference, norm_floor)
+    direction = direction_distance(coefficient_gram, reference & independent, client_weights)
+    direction_z = robust_z(direction, reference & independent, direction_floor)
+    norm_z = robust_z(log_norm, reference & independent, norm_floor)
     statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
     flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
     flags = flags | ("direction" in checks) & (direction_z > threshold)
     timer.lap("detect")
 
-    closeness_z = group_z = support_z = torch.zeros_like(off_z)
-    if "collusion" in checks:
-        closeness_z, group_z = _collusion(
-            validated,
-            modules,
+    closeness_z = closeness_z.to(off_z)
+    group_z = torch.zeros_like(off_z)
+    for group in groups:
+        group_z[group] = _group_evidence(
             subspace_estimator,
-            ~flags,
-            threshold,
-            collusion_floor,
+            products,
+            group,
+            ~flags & independent,
+            client_weights,
             (off_subspace_floor, typical_floor),
         )
-        flags = flags | (group_z > threshold)
+    flags = flags | (group_z > threshold)
+    support_z = torch.zeros_like(off_z)
     if "support" in checks:
         support_z = _minority_support(
-            subspace_estimator, core_subspaces, ~flags, off_subspace_floor
+            subspace_estimator, core_subspaces, ~flags, independent, off_subspace_floor
         )
         flags = flags | (support_z > threshold)
     statistics.update(collusion=group_z, support=support_z)
@@ -379,14 +386,19 @@ class _SubspaceEstimator:
 
 
 def _settle_off_subspace_flags(
-    estimator: _SubspaceEstimator, flags: Tensor, floor: float, threshold: float
+    estimator: _SubspaceEstimator,
+    flags: Tensor,
+    independent: Tensor,
+    floor: float,
+    threshold: float,
 ) -> tuple[list[Tensor], Tensor, Tensor, int]:
     """Re-measure every client against the subspace of the clean-so-far set until flags settle.
 
     The decomposition can put a benign client that dominates one shared direction into ``C``
     (the incoherence limit of outlier pursuit). Such a client lies inside the subspace recovered
     from the others, so its residual is small and it is re-admitted; a client with a genuine
-    off-subspace component keeps a large residual.
+    off-subspace component keeps a large residual. Robust scales count each near-duplicate
+    group once (``independent``).
     """
     rounds = 0
     while True:
@@ -394,41 +406,38 @@ def _settle_off_subspace_flags(
         reference = ~flags
         bases = estimator.estimate(reference)
         residual = estimator.residual_fraction(bases)
-        off_z = robust_z(residual, reference, floor)
+        off_z = robust_z(residual, reference & independent, floor)
         settled = off_z > threshold
         if torch.equal(settled, flags) or rounds == _MAX_DETECTION_ROUNDS:
             return bases, residual, off_z, rounds
         flags = settled
 
 
-def _collusion(
-    validated: ValidatedUpdates,
-    modules: list[CompressedModule],
-    estimator: _SubspaceEstimator,
-    reference: Tensor,
-    threshold: float,
-    floor: float,
-    evidence_floors: tuple[float, float],
-) -> tuple[Tensor, Tensor]:
-    """Closeness z-scores and, for members of near-duplicate groups, the evidence against them.
-
-    The Gram matrix is that of the exact products (from factors), each module scaled by its
-    median client norm so every module weighs alike.
-    """
+def _scaled_product_gram(validated: ValidatedUpdates, modules: list[CompressedModule]) -> Tensor:
+    """Gram matrix of the exact products (from factors), each module scaled by its median client
+    norm so every module weighs alike."""
     scales = {module.name: float(module.norms.median().clamp_min(1e-30)) for module in modules}
-    products = product_gram(validated, modules[0].clients, scales)
-    closeness_z, groups = near_duplicate_groups(products, threshold, floor)
-    group_z = torch.zeros_like(closeness_z)
-    weights = validated.weights[modules[0].clients]
+    return product_gram(validated, modules[0].clients, scales)
+
+
+def _one_per_group(clients: Tensor, groups: list[Tensor]) -> Tensor:
+    """``clients`` with every near-duplicate group reduced to its first member.
+
+    Robust scales are measured over independent clients: a group of copies would otherwise
+    shrink the MAD of every statistic and make ordinary benign clients look extreme.
+    """
+    independent = clients.clone()
     for group in groups:
-        group_z[group] = _group_evidence(
-            estimator, products, group, reference, weights, evidence_floors
-        )
-    return closeness_z, group_z
+        independent[group.nonzero().flatten()[1:]] = False
+    return independent
 
 
 def _minority_support(
-    estimator: _SubspaceEstimator, core_bases: list[Tensor], reference: Tensor, floor: float
+    estimator: _SubspaceEstimator,
+    core_bases: list[Tensor],
+    reference: Tensor,
+    independent: Tensor,
+    floor: float,
 ) -> Tensor:
     """Off-subspace z-scores of the carriers of minority directions, against the rest's subspace.
 
@@ -439,7 +448,7 @@ def _minority_support(
     rest = reference & ~carriers
     if bool(carriers.any()) and int(rest.sum()) > int(carriers.sum()):
         residual = estimator.residual_fraction(estimator.estimate(rest))
-        support_z[carriers] = robust_z(residual, rest, floor)[carriers]
+        support_z[carriers] = robust_z(residual, rest & independent, floor)[carriers]
     return support_z
 
 
