@@ -25,6 +25,7 @@ from .grid import NO_CONTAMINATION, Cell  # noqa: E402
 ROBUST_BASELINES = ("median", "trimmed_mean", "krum", "multikrum", "geomedian")
 DETECTION_NAMES = ("precision", "recall", "f1", "auroc", "fpr")
 F1_GOAL = 0.95
+ATTACK_SUCCESS = "attack_success"  # backdoor probes' exact match, when the recipe has probes
 
 
 def summarise_cell(record: dict) -> dict[str, Any]:
@@ -40,10 +41,16 @@ def summarise_cell(record: dict) -> dict[str, Any]:
             None if any(s is None for s in scores) else scores,
             [c["contaminated"] for c in clients],
         )
+        attack = [
+            c["metrics"][ATTACK_SUCCESS]
+            for c in clients
+            if not c["contaminated"] and ATTACK_SUCCESS in c["metrics"]
+        ]
         rounds.append(
             {
                 "round": round_record["round"],
                 "benign_mean": statistics.fmean(benign) if benign else None,
+                "benign_attack_success": statistics.fmean(attack) if attack else None,
                 **{name: detection[name] for name in DETECTION_NAMES},
             }
         )
@@ -51,6 +58,7 @@ def summarise_cell(record: dict) -> dict[str, Any]:
     return {
         "rounds": rounds,
         "final_benign": final["benign_mean"],
+        "final_attack_success": final["benign_attack_success"],
         **{f"final_{name}": final[name] for name in DETECTION_NAMES},
         **{name: _mean([r[name] for r in rounds]) for name in DETECTION_NAMES},
         "runtime_seconds": record["runtime_seconds"],
@@ -71,7 +79,8 @@ def build_results(comparison: dict) -> dict:
     table = []
     for (aggregator, contamination), runs in groups.items():
         row = {"aggregator": aggregator, "contamination": contamination, "seeds": len(runs)}
-        for name in ("final_benign", *DETECTION_NAMES, "final_f1", "runtime_seconds"):
+        names = ("final_benign", "final_attack_success", *DETECTION_NAMES, "final_f1")
+        for name in (*names, "runtime_seconds"):
             values = [run[name] for run in runs if run[name] is not None]
             row[name] = _mean(values)
             row[f"{name}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
@@ -195,6 +204,23 @@ def markdown(results: dict, command: str) -> str:
             group = groups[(aggregator, contamination)]
             cells.append(f"{group['final_benign']:.4f} ± {group['final_benign_std']:.4f}")
         lines.append(f"| {aggregator} | " + " | ".join(cells) + " |")
+    attacked = [
+        c
+        for c in grid["contaminations"]
+        if any(groups[(a, c)]["final_attack_success"] is not None for a in grid["aggregators"])
+    ]
+    if attacked:
+        lines += [
+            "",
+            "## Benign-client attack success on triggered held-out prompts after the last round "
+            "(lower is better)",
+            "",
+            "| aggregator | " + " | ".join(attacked) + " |",
+            "|---" * (len(attacked) + 1) + "|",
+        ]
+        for aggregator in grid["aggregators"]:
+            rates = [_fmt(groups[(aggregator, c)]["final_attack_success"]) for c in attacked]
+            lines.append(f"| {aggregator} | " + " | ".join(rates) + " |")
     lines += [
         "",
         "## Detection (positive = contaminated; mean over rounds and seeds)",

@@ -128,6 +128,8 @@ class TextDataModule(FederatedDataModule):
             added to the prompt of ``poison_fraction`` of a contaminated client's examples, with
             ``backdoor_target`` as the answer); every client's attack success rate is measured
             on its triggered held-out prompts.
+        system_prompt: a system message for chat rows that have none (instead of the
+            template's default, which may be long).
         foreign_files: text for the ``foreign_text`` contamination (same formats, ``text``
             column for tables).
     """
@@ -159,6 +161,7 @@ class TextDataModule(FederatedDataModule):
         input_column: str = "input",
         output_column: str = "output",
         messages_column: str = "messages",
+        system_prompt: str | None = None,
         sequence_length: int = 128,
         truncation: bool = True,
         packing: bool = False,
@@ -208,6 +211,7 @@ class TextDataModule(FederatedDataModule):
             "output": output_column,
             "messages": messages_column,
         }
+        self.system_prompt = system_prompt
         self.sequence_length = sequence_length
         self.truncation = truncation
         self.packing = packing
@@ -438,6 +442,8 @@ class TextDataModule(FederatedDataModule):
             prompt = template.format(instruction=fields[columns["instruction"]], input=extra)
             return prompt, fields[columns["output"]] + (self.tokenizer.eos_token or "")
         messages = fields[columns["messages"]]
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         prompt = self.tokenizer.apply_chat_template(
             messages[:-1], tokenize=False, add_generation_prompt=True
         )
@@ -475,16 +481,24 @@ class TextDataModule(FederatedDataModule):
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
 
     def _longest(self) -> int:
-        """Examples are padded to the longest one (at most ``sequence_length``)."""
-        if self.packing:
-            return self.sequence_length
+        """Examples are padded to the longest one (at most ``sequence_length``); every split of
+        every client must keep an example after truncation (checked here, before training)."""
         longest = 2
-        for splits in self._splits:
-            for members in splits.values():
+        for name, splits in zip(self.client_names, self._splits, strict=True):
+            for split, members in splits.items():
+                kept = 0
                 for row in members:
                     example = self.tokens(*self.render(row.fields), row.where)
                     if example is not None:
+                        kept += 1
                         longest = max(longest, len(example["input_ids"]))
+                if not kept:
+                    raise TextDataError(
+                        f"client {name!r} has no {split} example left after truncation to "
+                        f"sequence_length={self.sequence_length} (the prompts fill it)"
+                    )
+        if self.packing:
+            return self.sequence_length
         probe_room = 0
         if self.contamination == "backdoor":
             probe = f" {self.trigger} {self.backdoor_target}"
