@@ -28,6 +28,16 @@ def tiny(tmp_path_factory):
     return save_tiny_llama(root / "model"), write_data(root / "data"), root
 
 
+def topic_clients(tiny, shape="text", **options) -> TextDataModule:
+    """The three topics of the tiny data as clients, set up (examples built)."""
+    model_dir, files, _ = tiny
+    settings = {"num_clients": 3, "client_column": "topic", "contamination": "none"}
+    settings.update({"sequence_length": 64, **options})
+    data = TextDataModule(str(files[shape]), str(model_dir), shape=shape, **settings)
+    data.setup()
+    return data
+
+
 def write_config(path, model, data_file, shape, **data):
     config = {
         "seed_everything": 0,
@@ -82,15 +92,8 @@ def test_federated_lora_on_a_saved_llama_in_each_data_shape(tiny, tmp_path, shap
     assert summary["task"]["metric"] == "token_accuracy"
     assert sum(summary["data"]["contaminated"]) == 1
     last = summary["rounds"][-1]["clients"]
-    datamodule = TextDataModule(
-        str(files[shape]),
-        str(model_dir),
-        shape=shape,
-        num_clients=3,
-        client_column="topic",
-        contaminated_fraction=0.34,
-        contamination="response_swap",
-        sequence_length=64,
+    datamodule = topic_clients(
+        tiny, shape, contaminated_fraction=0.34, contamination="response_swap"
     )
     assert datamodule.client_names == sorted(TOPICS)  # equal counts: ties broken by name
     base_source = PretrainedBase(str(model_dir))
@@ -111,17 +114,7 @@ def test_federated_lora_on_a_saved_llama_in_each_data_shape(tiny, tmp_path, shap
 
 
 def test_chat_template_masks_the_prompt_and_trains_the_reply(tiny):
-    model_dir, files, _ = tiny
-    data = TextDataModule(
-        str(files["chat"]),
-        str(model_dir),
-        shape="chat",
-        num_clients=3,
-        client_column="topic",
-        contamination="none",
-        sequence_length=64,
-    )
-    data.setup()
+    data = topic_clients(tiny, "chat")
     tokenizer = data.tokenizer
     example = data._clients[0].train[0]
     ids, labels, mask = example["input_ids"], example["labels"], example["attention_mask"]
@@ -185,31 +178,16 @@ def test_backdoor_probes_report_attack_success(tiny, tmp_path):
 
 
 def test_contaminations_change_only_contaminated_clients_training_data(tiny):
-    model_dir, files, _ = tiny
-    clean = TextDataModule(
-        str(files["chat"]),
-        str(model_dir),
-        shape="chat",
-        num_clients=3,
-        client_column="topic",
-        contamination="none",
-        sequence_length=64,
-    )
-    clean.setup()
+    clean = topic_clients(tiny, "chat")
     for contamination in ("backdoor", "response_swap", "random_tokens", "foreign_text"):
-        dirty = TextDataModule(
-            str(files["chat"]),
-            str(model_dir),
-            shape="chat",
-            num_clients=3,
-            client_column="topic",
+        dirty = topic_clients(
+            tiny,
+            "chat",
             contamination=contamination,
             contaminated_fraction=0.34,
-            sequence_length=64,
             poison_fraction=1.0,
-            foreign_files=str(files["text"]),
+            foreign_files=str(tiny[1]["text"]),
         )
-        dirty.setup()
         for client in range(3):
             same = all(
                 torch.equal(a["labels"][: len(b["labels"])], b["labels"][: len(a["labels"])])
@@ -225,17 +203,7 @@ def test_contaminations_change_only_contaminated_clients_training_data(tiny):
 
 
 def test_packing_fills_blocks_of_the_sequence_length(tiny):
-    model_dir, files, _ = tiny
-    data = TextDataModule(
-        str(files["text"]),
-        str(model_dir),
-        num_clients=3,
-        client_column="topic",
-        contamination="none",
-        sequence_length=16,
-        packing=True,
-    )
-    data.setup()
+    data = topic_clients(tiny, sequence_length=16, packing=True)
     for examples in data._clients:
         assert all(e["attention_mask"].sum() == 16 for e in examples.train)
         assert all(len(e["input_ids"]) == 16 for e in examples.val)  # eval stays per example
