@@ -5,12 +5,15 @@ data module's update-level contamination to contaminated uploads, runs the confi
 aggregator (``clair`` or any engine baseline), and writes each refined update into the client's
 adapter at the adapter's rank. Validation then evaluates the refined adapters; at the epoch's
 end the round is recorded (flags, scores, truth, detection metrics, per-client task metrics),
-logged, and written to ``summary.json``. The history and RNG state live in ``state_dict()``.
+logged, printed as one console line, and written to ``summary.json``. The history, the RNG
+state and the list of sessions (one per process that trained, so a resumed run shows which
+rounds each process trained) live in ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from ..core.aggregators import NEEDS_TRUTH, aggregate
 from ..federation.adapters import read_update, write_refined
 from ..federation.data import FederatedDataModule
 from ..federation.module import FederatedLoRAModule, adapter_name
@@ -25,12 +29,14 @@ from ..jsonio import write_json
 from ..rounds import (
     SUMMARY,
     aggregate_round,
+    benign_mean,
     check_aggregation,
     round_record,
     run_summary,
     with_benign_mean,
 )
-from .detection_metrics import log_round
+from .console import evaluation_line, round_line
+from .detection_metrics import log_evaluation, log_round
 
 
 class FederatedAggregation(pl.Callback):
@@ -59,12 +65,40 @@ class FederatedAggregation(pl.Callback):
         self.period = period
         self.seed = seed
         self.records: list[dict] = []
+        self.sessions: list[dict] = []
         self._pending: dict | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._elapsed = 0.0
         self._started: float | None = None
+        self._round_started: float | None = None
 
     # --- checks -----------------------------------------------------------------------------
+
+    def check_options(self, num_clients: int) -> None:
+        """Run the aggregator once on a small random federation of ``num_clients`` clients.
+
+        Option values (``threshold: -1``, ``checks: [bogus]``, ``formulation: bogus``, …) are
+        checked by the aggregator itself; this makes it happen before the first step.
+        """
+        generator = torch.Generator().manual_seed(0)
+        shared = torch.randn(16, 2, generator=generator)
+        updates = [
+            {
+                "probe": (
+                    shared @ torch.randn(2, 2, generator=generator)
+                    + 0.1 * torch.randn(16, 2, generator=generator),
+                    torch.randn(2, 12, generator=generator),
+                )
+            }
+            for _ in range(num_clients)
+        ]
+        options = dict(self.options)
+        if self.name in NEEDS_TRUTH:
+            options["contaminated"] = [False] * num_clients
+        try:
+            aggregate(self.name, updates, None, **options)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"aggregation.options of {self.name!r}: {error}") from None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, FederatedLoRAModule):
@@ -84,6 +118,10 @@ class FederatedAggregation(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
+        self.sessions.append({"after_round": len(self.records), "pid": os.getpid()})
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._round_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx + 1 != trainer.num_training_batches:
@@ -117,8 +155,11 @@ class FederatedAggregation(pl.Callback):
             return
         datamodule: FederatedDataModule = trainer.datamodule
         record = round_record(pending, datamodule.contaminated, pl_module.client_metrics)
+        record["session"] = len(self.sessions) - 1
+        record["seconds"] = time.perf_counter() - (self._round_started or time.perf_counter())
         self.records.append(record)
         log_round(trainer, record)
+        _print(trainer, round_line(record, trainer.max_epochs))
         self._write_summary(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -130,8 +171,20 @@ class FederatedAggregation(pl.Callback):
         pl_module.save_adapters(Path(trainer.default_root_dir) / "adapters")
         self._write_summary(trainer)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._report(trainer, "validate", pl_module.client_metrics)
+
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_summary(trainer, test_metrics=pl_module.test_client_metrics)
+        self._report(trainer, "test", pl_module.test_client_metrics)
+
+    def _report(self, trainer: pl.Trainer, split: str, client_metrics: list[dict]) -> None:
+        """Print and log an evaluation of the trained adapters (benign means per metric)."""
+        truth = trainer.datamodule.contaminated
+        means = benign_mean(client_metrics, truth)
+        log_evaluation(trainer, split, means, step=len(self.records))
+        _print(trainer, evaluation_line(split, means, len(self.records), truth))
 
     # --- state --------------------------------------------------------------------------------
 
@@ -141,12 +194,14 @@ class FederatedAggregation(pl.Callback):
             elapsed += time.perf_counter() - self._started
         return {
             "records": self.records,
+            "sessions": self.sessions,
             "generator": self._generator.get_state(),
             "elapsed": elapsed,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = list(state_dict["records"])
+        self.sessions = list(state_dict.get("sessions", []))
         self._generator.set_state(state_dict["generator"])
         self._elapsed = float(state_dict.get("elapsed", 0.0))
 
@@ -174,7 +229,17 @@ class FederatedAggregation(pl.Callback):
             self.records,
             previous.get("test"),
             task_metric=datamodule.TASK_METRIC,
+            sessions=self.sessions,
         )
         if test_metrics:
             summary["test"] = with_benign_mean(test_metrics, datamodule.contaminated)
         write_json(path, summary)
+
+
+def _print(trainer: pl.Trainer, line: str) -> None:
+    """One console line, above the progress bar when there is one."""
+    bar = trainer.progress_bar_callback
+    if bar is not None and bar.is_enabled:
+        bar.print(line)
+    else:
+        print(line, flush=True)

@@ -6,6 +6,8 @@ Everything is logged with ``step = round`` so W&B and CSV axes follow rounds. W&
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
@@ -22,3 +24,14 @@ def log_round(trainer: pl.Trainer, record: dict) -> None:
             logger.log_table(
                 key="clients", columns=TABLE_COLUMNS, data=client_rows(record), step=step
             )
+
+
+def log_evaluation(trainer: pl.Trainer, split: str, benign_mean: dict, step: int) -> None:
+    """Benign means of a ``validate``/``test`` evaluation, as ``<split>/benign/<metric>``."""
+    scalars = {
+        f"{split}/benign/{name}": float(value)
+        for name, value in benign_mean.items()
+        if value is not None and math.isfinite(value)
+    }
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)

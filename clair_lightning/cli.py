@@ -1,153 +1,33 @@
-"""The ``clair`` command: LightningCLI for federated runs, plus ``clair compare``.
+"""The ``clair`` command: ``fit``, ``validate``, ``test`` (LightningCLI) and ``compare``.
 
     clair fit --config configs/text_copy.yaml
     clair fit --config configs/text_copy.yaml --ckpt_path last      # resume
-    clair test --config configs/text_copy.yaml --ckpt_path last
+    clair test --config configs/text_copy.yaml                      # test the trained run
     clair fit --config configs/text_copy.yaml --print_config
     clair compare --config configs/text_copy.yaml --aggregators clair,fedavg ...
     clair prepare smollm2                                            # fetch a real LLM once
     clair flower simulate --config configs/text_copy.yaml --num-supernodes 10
 
 A run writes to ``<run.output_dir>/<run.name>/``: the resolved ``config.yaml``, ``summary.json``,
-``adapters/client_<k>/`` (peft format), ``checkpoints/last.ckpt``, offline W&B files and CSV
-logs. W&B runs offline unless ``WANDB_MODE`` says otherwise.
+``adapters/client_<k>/`` (peft format), ``checkpoints/last.ckpt`` (after every round), offline
+W&B files and CSV logs. W&B runs offline unless ``WANDB_MODE`` says otherwise. A bad setting
+stops the command with one line on stderr and exit code 2, before any run folder exists.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import shutil
+import re
 import sys
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from .experiment import ClairCLI, check_config_files, run
 
-from .callbacks import FederatedAggregation
-from .federation import FederatedDataModule, FederatedLoRAModule
+__all__ = ["ClairCLI", "main", "run"]
 
-
-class ClairCLI(LightningCLI):
-    """LightningCLI with the aggregation as its own section and a run folder per run."""
-
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True):
-        with warnings.catch_warnings():
-            # Explicit arguments are intended (from `run()` or `main(argv)`); argv is unrelated.
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            self._init(args, run)
-
-    def _init(self, args: Sequence[str] | None, run: bool) -> None:
-        super().__init__(
-            FederatedLoRAModule,
-            FederatedDataModule,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-            trainer_defaults={
-                "max_epochs": 10,
-                "num_sanity_val_steps": 0,
-                "log_every_n_steps": 1,
-                "enable_model_summary": False,
-            },
-            args=list(args) if args is not None else None,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(FederatedAggregation, "aggregation")
-        parser.add_argument(
-            "--run.output_dir",
-            type=str,
-            default="runs",
-            help="folder that holds one sub-folder per run",
-        )
-        parser.add_argument(
-            "--run.name",
-            type=str | None,
-            default=None,
-            help="run folder name (default: <config>-<aggregator>-<contamination>-seed<seed>)",
-        )
-        parser.add_argument("--run.wandb_project", type=str, default="clair-lightning")
-        parser.add_argument(
-            "--run.wandb_group",
-            type=str | None,
-            default=None,
-            help="W&B group (default: the run name without its seed)",
-        )
-        parser.add_argument(
-            "--run.overwrite",
-            type=bool,
-            default=False,
-            help="replace an existing finished run folder of the same name",
-        )
-        parser.link_arguments("data.init_args.num_clients", "model.num_clients")
-        parser.link_arguments("seed_everything", "data.init_args.seed")
-        parser.link_arguments("seed_everything", "aggregation.seed")
-
-    def instantiate_trainer(self, **kwargs: Any):
-        config = self.config[self.subcommand]
-        run_dir, name, group = self._run_folder(config)
-        loggers = [
-            WandbLogger(
-                save_dir=str(run_dir),
-                project=config.run.wandb_project,
-                name=name,
-                group=group,
-                log_model=False,
-            ),
-            CSVLogger(str(run_dir), name="csv"),
-        ]
-        checkpoint = ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0, every_n_epochs=1
-        )
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        callbacks = [*(configured if isinstance(configured, list) else [configured]), checkpoint]
-        return super().instantiate_trainer(
-            default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **kwargs
-        )
-
-    def after_fit(self) -> None:
-        self._finish_wandb()
-
-    def after_validate(self) -> None:
-        self._finish_wandb()
-
-    def after_test(self) -> None:
-        self._finish_wandb()
-
-    def _finish_wandb(self) -> None:
-        """Close the W&B run so its files are complete before the next run or process exit."""
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                logger.experiment.finish()
-
-    def _run_folder(self, config) -> tuple[Path, str, str]:
-        data = config.data.init_args
-        sources = config.get("config") or []
-        stem = Path(str(sources[0])).stem if sources else "run"
-        base = f"{stem}-{config.aggregation.name}-{data.contamination}"
-        name = config.run.name or f"{base}-seed{config.seed_everything}"
-        run_dir = Path(config.run.output_dir) / name
-        if self.subcommand == "fit" and config.get("ckpt_path") is None:
-            if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
-                if not config.run.overwrite:
-                    raise ValueError(
-                        f"run folder {run_dir} already holds a run; resume it with --ckpt_path "
-                        "last, choose another --run.name, or pass --run.overwrite true"
-                    )
-                shutil.rmtree(run_dir)
-        return run_dir, name, config.run.wandb_group or base
-
-
-def run(config: str | Path, overrides: Sequence[str] = (), subcommand: str = "fit") -> Path:
-    """Run one federated experiment from Python; returns its run folder."""
-    os.environ.setdefault("WANDB_MODE", "offline")
-    cli = ClairCLI(args=[subcommand, "--config", str(config), *overrides])
-    return Path(cli.trainer.default_root_dir)
+# Errors of the user's settings, data or files; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, argparse.ArgumentError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,25 +46,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return flower(arguments[1:])
     try:
-        ClairCLI(args=None if argv is None else arguments)
-    except ValueError as error:
-        print(f"clair: error: {_reason(error)}", file=sys.stderr)
+        check_config_files(arguments)
+        ClairCLI(args=arguments)
+    except USER_ERRORS as error:
+        print(f"clair: error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
 
 
-def _reason(error: ValueError) -> str:
-    """A class's own error, not jsonargparse's multi-line wrapper around it."""
-    innermost, cause = error, _cause(error)
-    while cause is not None:
-        if isinstance(cause, ValueError):
-            innermost = cause
-        cause = _cause(cause)
-    return str(innermost) if innermost is error else str(innermost).splitlines()[0]
+def one_line(error: BaseException) -> str:
+    """The root cause of a (possibly wrapped) error, on one line, with the option it concerns.
 
-
-def _cause(error: BaseException) -> BaseException | None:
-    return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    jsonargparse wraps an error raised while instantiating a class in several layers
+    ("Does not validate against any of the Union subtypes ..."); the innermost error is ours.
+    """
+    cause = error
+    while True:
+        inner = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+        if inner is None or not isinstance(inner, Exception):
+            break
+        cause = inner
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    key = re.match(r'Parser key "([^"]+)"', str(error))
+    if key and key.group(1) not in text:
+        text = f"{key.group(1)}: {text}"
+    return text
 
 
 if __name__ == "__main__":

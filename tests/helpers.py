@@ -1,9 +1,10 @@
-"""Test helpers: read offline W&B run files, stop a run like Ctrl-C would."""
+"""Test helpers: read offline W&B run files, stop or pause a run at a round boundary."""
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -52,12 +53,19 @@ def wandb_history(run_file: Path) -> list[dict]:
     return rows
 
 
-class InterruptAfterRound(pl.Callback):
-    """Raise KeyboardInterrupt when round ``rounds + 1`` starts, as a user's Ctrl-C would."""
+class PauseAfterRound(pl.Callback):
+    """When round ``rounds + 1`` starts, touch ``marker`` and wait to be killed or interrupted.
 
-    def __init__(self, rounds: int):
+    By then round ``rounds`` is recorded and checkpointed, so a test can signal the process at
+    a known point.
+    """
+
+    def __init__(self, rounds: int, marker: str):
         self.rounds = rounds
+        self.marker = marker
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.rounds:
-            raise KeyboardInterrupt
+            Path(self.marker).touch()
+            while True:
+                time.sleep(0.05)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -167,43 +166,6 @@ def test_read_update_folds_the_scaling_and_write_back_keeps_the_product():
             atol=1e-5,
             rtol=1e-4,
         )
-
-
-def test_a_run_stopped_after_round_two_resumes_to_the_same_flags_and_metrics(tmp_path):
-    output = str(tmp_path)
-    stop = tmp_path / "stop.yaml"
-    stop.write_text(
-        yaml.safe_dump(
-            {
-                "trainer": {
-                    "callbacks": [
-                        {
-                            "class_path": "tests.helpers.InterruptAfterRound",
-                            "init_args": {"rounds": 2},
-                        }
-                    ]
-                }
-            }
-        )
-    )
-    common = ["--run.output_dir", output, "--trainer.max_epochs", "4"]
-    try:
-        with pytest.raises(SystemExit):
-            run(SMOKE, ["--config", str(stop), *common, "--run.name", "stopped"])
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    stopped = json.loads((tmp_path / "stopped" / "summary.json").read_text())
-    assert [r["round"] for r in stopped["rounds"]] == [1, 2]
-
-    run(SMOKE, [*common, "--run.name", "stopped", "--ckpt_path", "last"])
-    run(SMOKE, [*common, "--run.name", "straight"])
-    resumed = json.loads((tmp_path / "stopped" / "summary.json").read_text())
-    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
-    for got, want in zip(resumed["rounds"], straight["rounds"], strict=True):
-        assert [c["flag"] for c in got["clients"]] == [c["flag"] for c in want["clients"]]
-        assert [c["score"] for c in got["clients"]] == [c["score"] for c in want["clients"]]
-        assert [c["metrics"] for c in got["clients"]] == [c["metrics"] for c in want["clients"]]
 
 
 def test_base_model_saved_with_save_pretrained_is_loaded_by_path(tmp_path):

@@ -40,7 +40,7 @@ class LightningBackend:
         return tuple(self.datamodule_class.contaminations())
 
     def run(self, cell: Cell, workdir: Path) -> dict[str, Any]:
-        from ..cli import run
+        from ..experiment import run
         from .backends import record
 
         overrides = [
