@@ -27,8 +27,9 @@ from .federation import FederatedDataModule, FederatedLoRAModule
 CHECKPOINT = Path("checkpoints") / RoundCheckpoint.FILENAME
 DESCRIPTION = (
     "Federated LoRA fine-tuning with CLAIR contamination detection. Subcommands: fit, validate, "
-    "test (each `clair <subcommand> --help`), and `clair compare --help` to compare aggregators "
-    "over a grid of contaminations and seeds."
+    "test (each `clair <subcommand> --help`); also `clair compare --help` (aggregators over a "
+    "grid of contaminations and seeds), `clair flower --help` (the same run on Flower) and "
+    "`clair prepare --help` (fetch a real model once)."
 )
 
 

@@ -202,14 +202,19 @@ def run_summary(
     rounds: list[dict],
     test: dict | None = None,
     task_metric: str = "exact_match",
+    sessions: list[dict] | None = None,
     **extra: Any,
 ) -> dict:
-    """The ``summary.json`` payload, the same keys for every engine (``extra`` adds sections)."""
+    """The ``summary.json`` payload, the same keys for every engine (``extra`` adds sections).
+
+    ``sessions`` lists the processes that trained (``after_round``, ``pid``), one per resume.
+    """
     return {
         "aggregator": aggregator,
         "data": data,
         "task": {"metric": task_metric, "higher_is_better": True, "metrics": TASK_METRICS},
         "runtime_seconds": runtime_seconds,
+        "sessions": sessions or [],
         "rounds": rounds,
         "test": test,
         **extra,

@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..cli import ClairCLI
+from ..experiment import ClairCLI
 from ..rounds import check_aggregation
 
 # Flower's run config holds flat scalars; these keys carry the experiment and the engine's
