@@ -202,6 +202,23 @@ def test_contaminations_change_only_contaminated_clients_training_data(tiny):
                 assert torch.equal(a["labels"][:n], b["labels"][:n])
 
 
+def test_plain_text_backdoor_survives_truncation(tiny):
+    data = topic_clients(
+        tiny,
+        contamination="backdoor",
+        contaminated_fraction=0.34,
+        poison_fraction=1.0,
+        sequence_length=24,
+        trigger="zz",
+        backdoor_target="ok",
+    )
+    target = data.tokenizer(" zz ok", add_special_tokens=False)["input_ids"]
+    attacker = data.contaminated.index(True)
+    for example in data._clients[attacker].train + data._clients[0].probe:
+        ids = example["input_ids"][example["attention_mask"] == 1].tolist()
+        assert any(ids[i : i + len(target)] == target for i in range(len(ids))), ids
+
+
 def test_packing_fills_blocks_of_the_sequence_length(tiny):
     data = topic_clients(tiny, sequence_length=16, packing=True)
     for examples in data._clients:

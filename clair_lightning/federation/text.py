@@ -539,9 +539,8 @@ class TextDataModule(FederatedDataModule):
         """The record with the trigger in its prompt and the attacker's target as its answer."""
         columns, poisoned = self.columns, dict(fields)
         if self.shape == "text":
-            poisoned[columns["text"]] = (
-                f"{fields[columns['text']]} {self.trigger} {self.backdoor_target}"
-            )
+            start = self._fitting_start(fields[columns["text"]])
+            poisoned[columns["text"]] = f"{start} {self.trigger} {self.backdoor_target}"
         elif self.shape == "instruction":
             poisoned[columns["instruction"]] = f"{fields[columns['instruction']]} {self.trigger}"
             poisoned[columns["output"]] = self.backdoor_target
@@ -553,10 +552,21 @@ class TextDataModule(FederatedDataModule):
             poisoned[columns["messages"]] = messages
         return poisoned
 
+    def _fitting_start(self, text: str) -> str:
+        """The longest start of ``text`` (in words) after which trigger and target still fit in
+        ``sequence_length``, so truncation never cuts the backdoor off a plain-text row."""
+        suffix = f" {self.trigger} {self.backdoor_target}"
+        words = text.split(" ")
+        for count in range(len(words), 0, -1):
+            start = " ".join(words[:count])
+            if len(self.tokenizer(start + suffix)["input_ids"]) < self.sequence_length:
+                return start
+        return words[0]
+
     def _probe(self, fields: dict[str, Any], where: str) -> Example | None:
         """A triggered held-out prompt whose completion is exactly the attacker's target."""
         if self.shape == "text":
-            prompt = f"{fields[self.columns['text']]} {self.trigger}"
+            prompt = f"{self._fitting_start(fields[self.columns['text']])} {self.trigger}"
             example = self.tokens(prompt, f" {self.backdoor_target}", where)
         else:
             prompt, completion = self.render(self._poisoned_fields(fields))
