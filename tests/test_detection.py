@@ -50,8 +50,8 @@ def test_identical_colluders_are_flagged_as_a_group():
 
 
 def test_honest_duplicates_are_not_flagged_for_similarity_alone():
-    """A pair with the same data never forms a group; a mimicked client and its three copies
-    form one, but measured against the others they are an ordinary benign update."""
+    """Two clients with the same data, and a mimicked client with its three copies, are found as
+    near-duplicate groups, but measured against the others they are ordinary benign updates."""
     federation = _federation(seed=1)
     updates = [dict(u) for u in federation.updates]
     updates[1] = dict(updates[0])  # two clients with the same data
@@ -60,9 +60,23 @@ def test_honest_duplicates_are_not_flagged_for_similarity_alone():
     result = clair_aggregate(updates)
     closeness = result.score_components["closeness_z"]
     assert not any(result.contaminated)
-    assert closeness[0] < THRESHOLD and closeness[1] < THRESHOLD
-    assert all(closeness[k] > THRESHOLD for k in [3, *mimic])
+    assert all(closeness[k] > THRESHOLD for k in [0, 1, 3, *mimic])
+    assert all(closeness[k] < THRESHOLD for k in range(K) if k not in [0, 1, 3, *mimic])
     assert max(result.score_components["collusion_z"]) < THRESHOLD
+
+
+def test_two_identical_colluders_are_flagged():
+    """Two of ten clients send one ALIE message: a pair, flagged on the evidence against it."""
+    federation = synthetic_federation(
+        10, heterogeneity=0.5, noise=0.1, num_modules=2, generator=torch.Generator().manual_seed(4)
+    )
+    attackers = [3, 7]
+    updates = contaminate(
+        federation.updates, [k in attackers for k in range(10)], "a_little_is_enough"
+    )
+    result = clair_aggregate(updates)
+    assert result.contaminated == [k in attackers for k in range(10)]
+    assert all(result.score_components["collusion_z"][k] > THRESHOLD for k in attackers)
 
 
 def test_a_direction_carried_by_a_colluding_minority_leaves_the_subspace():

@@ -75,7 +75,7 @@ def clair_aggregate(
         checks: statistics that may flag: ``off_subspace`` (share of the update outside the
             shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
             in-subspace coefficients), ``norm`` (log of the update norm, two-sided),
-            ``collusion`` (a group of at least three near-identical clients, flagged only when
+            ``collusion`` (a group of near-identical clients, flagged only when
             measured against everyone else it also leaves their subspace or is too typical),
             ``support`` (clients carrying a direction of the shared subspace that fewer than
             half of the clients carry, flagged when they leave the subspace re-estimated
@@ -85,7 +85,7 @@ def clair_aggregate(
             default threshold a direction flag needs a cosine at least 0.34 below the typical
             client's, a norm flag a norm at least 3x off the median.
         collusion_floor: smallest scale (log units) of the closeness z-score: a group needs
-            second-nearest neighbours about 10x closer than the typical client's.
+            nearest neighbours about 10x closer than the typical client's.
         typical_floor: smallest scale (log units) of the "too typical" z-score of a group's
             distance to the robust centre of the others.
         subspace_rank: ``"gap"`` (largest ratio of consecutive singular values, default: it

@@ -14,7 +14,7 @@ from torch import Tensor
 from .gram import geometric_median_coefficients, squared_distances
 
 MAD_TO_STD = 1.4826
-_SMALLEST_GROUP = 3
+_SMALLEST_GROUP = 2
 
 
 def robust_z(values: Tensor, reference: Tensor, floor: float) -> Tensor:
@@ -32,24 +32,25 @@ def _centre_and_scale(population: Tensor, floor: float) -> tuple[float, float]:
 def near_duplicate_groups(
     gram: Tensor, threshold: float, floor: float
 ) -> tuple[Tensor, list[Tensor]]:
-    """Groups of at least three clients far more alike than independent clients are.
+    """Groups of clients far more alike than independent clients are.
 
-    Independent data gives independent estimation noise, so a client's second-nearest
-    neighbour (relative distance ``‖Θ_i − Θ_j‖ / rms(‖Θ_i‖, ‖Θ_j‖)``, from the Gram matrix of
-    the products) is about as far as everyone else's; colluders sending one message have it at
+    Independent data gives independent estimation noise, so a client's nearest neighbour
+    (relative distance ``‖Θ_i − Θ_j‖ / rms(‖Θ_i‖, ‖Θ_j‖)``, from the Gram matrix of the
+    products) is about as far as everyone else's; colluders sending one message have it at
     zero. The closeness ``−log`` of that distance is robust-z scored; ``floor`` (in log units)
-    keeps genuinely similar but independent clients out. The second neighbour, not the first,
-    so a pair (a mimicked client and its copy, two clients with the same data) never forms a
-    group. Returns the closeness z-scores and the groups (boolean masks) of clients above
-    ``threshold`` joined by distances below the cut-off.
+    keeps genuinely similar but independent clients out. Being in a group is not evidence by
+    itself: a mimicked client and its copies, or two clients with the same data, form one too,
+    and the caller measures a group against everyone else before flagging it. Returns the
+    closeness z-scores and the groups (boolean masks) of clients above ``threshold`` joined by
+    distances below the cut-off.
     """
     norms = gram.diagonal()
     relative = squared_distances(gram) / ((norms[:, None] + norms[None, :]) / 2).clamp_min(1e-300)
     closeness = -0.5 * relative.clamp_min(1e-24).log()
     closeness.fill_diagonal_(-float("inf"))
-    second = closeness.sort(dim=1, descending=True).values[:, 1]
-    centre, scale = _centre_and_scale(second, floor)
-    z = (second - centre) / scale
+    nearest = closeness.max(dim=1).values
+    centre, scale = _centre_and_scale(nearest, floor)
+    z = (nearest - centre) / scale
     cut = centre + threshold * scale
     candidate = z > threshold
     linked = (closeness > cut) & candidate[:, None] & candidate[None, :]
