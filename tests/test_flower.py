@@ -134,7 +134,7 @@ def test_malformed_and_non_finite_replies_are_left_out_with_a_reason(
         _reply(messages[2], non_finite),
         _reply(messages[3], wrong_shape),
     ]
-    with caplog.at_level(logging.WARNING, logger="clair_lightning.flower"):
+    with caplog.at_level(logging.WARNING, logger="flwr.clair_lightning"):
         _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 2
     assert f"client 2 left out: non-finite values in module '{module}'" in caplog.text
@@ -178,7 +178,7 @@ def test_unknown_module_error_reply_and_silence_stop_the_round_below_the_minimum
         Message(Error(code=5, reason="node unavailable"), reply_to=messages[2]),
         # partition 3 never answers
     ]
-    with caplog.at_level(logging.WARNING, logger="clair_lightning.flower"):
+    with caplog.at_level(logging.WARNING, logger="flwr.clair_lightning"):
         with pytest.raises(
             FederationError, match="only 1 valid train replies, fewer than min-clients=2"
         ):

@@ -21,7 +21,7 @@ from .experiment import Experiment, RunSettings
 from .messages import encode_update
 from .strategy import ClairStrategy
 
-log = logging.getLogger("clair_lightning.flower")
+log = logging.getLogger("flwr.clair_lightning")
 
 
 def server_app(settings: RunSettings | None = None) -> ServerApp:

@@ -52,7 +52,7 @@ from .messages import (
     train_reply,
 )
 
-log = logging.getLogger("clair_lightning.flower")
+log = logging.getLogger("flwr.clair_lightning")
 NO_TRUTH = "not available: a real deployment has no ground truth, so no detection metrics"
 
 
