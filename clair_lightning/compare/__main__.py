@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("results"))
     parser.add_argument("--workers", type=int, default=1, help="cells run in parallel")
+    parser.add_argument(
+        "--engine",
+        choices=("lightning", "flower"),
+        default="lightning",
+        help="run each cell in process (lightning) or on Flower's simulation runtime",
+    )
     parser.add_argument("--group", default=None, help="W&B group (default: output folder name)")
     parser.add_argument("--no-wandb", action="store_true", help="skip W&B logging")
     parser.add_argument(
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seeds,
             args.output,
             workers=args.workers,
+            engine=args.engine,
         )
     except ValueError as error:
         parser.error(str(error))

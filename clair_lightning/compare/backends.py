@@ -102,8 +102,14 @@ def record(cell: Cell, backend: Backend, rounds: list[dict], seconds: float) -> 
     }
 
 
-def backend_for(config: Path) -> Backend:
-    """The backend a config file asks for: ``recipe: linear_regression`` or a LightningCLI one."""
+ENGINES = ("lightning", "flower")
+
+
+def backend_for(config: Path, engine: str = "lightning") -> Backend:
+    """The backend a config file asks for: ``recipe: linear_regression`` or a LightningCLI one,
+    whose cells run in process (``engine="lightning"``) or on Flower's simulation runtime."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
     try:
         settings = yaml.safe_load(Path(config).read_text()) or {}
     except OSError as error:
@@ -113,8 +119,14 @@ def backend_for(config: Path) -> Backend:
     if not isinstance(settings, dict):
         raise ValueError(f"config {config} must be a mapping, got {type(settings).__name__}")
     if settings.get("recipe") == LinearRegressionBackend.recipe:
+        if engine != "lightning":
+            raise ValueError(f"the {settings['recipe']} recipe has no clients to run on {engine}")
         return LinearRegressionBackend(settings)
     if "model" in settings or "data" in settings:
+        if engine == "flower":
+            from .flower_backend import FlowerBackend
+
+            return FlowerBackend(Path(config))
         from .lightning_backend import LightningBackend
 
         return LightningBackend(Path(config))

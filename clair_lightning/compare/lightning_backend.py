@@ -40,7 +40,6 @@ class LightningBackend:
         return tuple(self.datamodule_class.contaminations())
 
     def run(self, cell: Cell, workdir: Path) -> dict[str, Any]:
-        from ..experiment import run
         from .backends import record
 
         overrides = [
@@ -58,11 +57,9 @@ class LightningBackend:
             workdir.parent.parent.name,
             "--run.overwrite",
             "true",
-            "--trainer.enable_progress_bar",
-            "false",
         ]
         started = time.perf_counter()
-        run_dir = run(self.config, overrides)
+        run_dir = self.execute(overrides)
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [
             {
@@ -83,3 +80,9 @@ class LightningBackend:
         result = record(cell, self, rounds, time.perf_counter() - started)
         result["run_dir"] = str(run_dir)
         return result
+
+    def execute(self, overrides: list[str]) -> Path:
+        """Run the config with ``overrides`` in process (``clair fit``); returns the run folder."""
+        from ..experiment import run
+
+        return run(self.config, [*overrides, "--trainer.enable_progress_bar", "false"])

@@ -23,6 +23,7 @@ def run_comparison(
     output: Path,
     *,
     workers: int = 1,
+    engine: str = "lightning",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every cell not yet finished under ``output/cells`` and return all cell records.
@@ -31,7 +32,7 @@ def run_comparison(
     when it finishes, so an interrupted comparison resumes where it stopped.
     """
     config = Path(config)
-    backend = backend_for(config)
+    backend = backend_for(config, engine)
     check_aggregators(list(aggregators))
     known = backend.contaminations()
     unknown = [name for name in contaminations if name not in known]
@@ -78,7 +79,7 @@ def run_comparison(
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             futures = {
-                pool.submit(_run_cell, config, cell, Path(output) / "runs" / cell.key): cell
+                pool.submit(_run_cell, config, engine, cell, Path(output) / "runs" / cell.key): cell
                 for cell in pending
             }
             for future in as_completed(futures):
@@ -96,9 +97,9 @@ def run_comparison(
     }
 
 
-def _run_cell(config: Path, cell: Cell, workdir: Path) -> dict:
+def _run_cell(config: Path, engine: str, cell: Cell, workdir: Path) -> dict:
     """Pool entry point: rebuild the backend in the worker process."""
-    backend: Backend = backend_for(config)
+    backend: Backend = backend_for(config, engine)
     return backend.run(cell, workdir)
 
 
