@@ -3,7 +3,7 @@
 Each round it finds which online SuperNode holds which partition (asking only nodes it has not
 met), sends every client the adapter refined for it, checks each reply, aggregates with the
 same ``aggregate_round`` as the Lightning callback, fits each refined update to the client's
-adapter rank on the server (as the callback's write-back does), then collects every client's
+adapter rank on the server with the callback's ``fit_refined``, then collects every client's
 validation metrics and records the round in ``summary.json`` and W&B.
 
 Faults never hang or crash a round: an error reply, a reply missing at the round timeout or a
@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..core import ClientUpdate
-from ..federation.adapters import fit_to_adapter
+from ..federation.adapters import fit_refined
 from ..jsonio import write_json
 from ..rounds import (
     SUMMARY,
@@ -144,22 +144,21 @@ class ClairStrategy(Strategy):
             [weights[k] for k in answered],
             truth,
         )
-        truncation = {}
-        for index, partition in enumerate(answered):
-            own, refined = self._trained[partition], result.refined[index]
-            if all(refined[m][0] is uploads[index][m][0] for m in refined) and all(
-                refined[m][1] is uploads[index][m][1] for m in refined
-            ):
-                self.adapters[partition] = own  # the client keeps exactly its own adapter
-                continue
-            adapter, errors = {}, []
-            for module, (old_b, old_a) in own.items():
-                b, a = refined[module]
-                fitted = fit_to_adapter(b, a, old_b, old_a, self.generator)
-                adapter[module] = (old_b, old_a) if fitted is None else fitted[:2]
-                errors.append(0.0 if fitted is None else fitted[2])
-            self.adapters[partition] = adapter
-            truncation[partition] = max(errors)
+        adapters = {k: dict(self._trained[k]) for k in answered}
+
+        def current(index: int, module: str):
+            return adapters[answered[index]][module]
+
+        def write(index: int, module: str, b: torch.Tensor, a: torch.Tensor) -> None:
+            adapters[answered[index]][module] = (b, a)
+
+        started = time.perf_counter()
+        errors = fit_refined(result.refined, uploads, current, write, self.generator)
+        fields["write_back_seconds"] = time.perf_counter() - started
+        self.adapters.update(adapters)
+        truncation = {
+            answered[i]: max(module_errors.values()) for i, module_errors in errors.items()
+        }
         return {
             "round": server_round,
             **_by_partition(fields, answered, self.num_clients),
