@@ -130,6 +130,7 @@ def test_malformed_and_non_finite_replies_are_left_out_with_a_reason(
     assert "no ground truth" in summary["engine"]["ground_truth"]
     assert record["clients"][0]["metrics"]["exact_match"] == 0.25
     assert record["clients"][2]["metrics"] == {}
+    assert record["train_seconds"] > 0 and record["evaluate_seconds"] > 0
 
 
 def test_unknown_module_error_reply_and_silence_stop_the_round_below_the_minimum(

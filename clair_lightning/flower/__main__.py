@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import USER_ERRORS, one_line
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clair flower", description=__doc__.splitlines()[0])
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         raise
-    except ValueError as error:
-        print(f"clair flower: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"clair flower: error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
 

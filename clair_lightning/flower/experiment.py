@@ -17,8 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..callbacks import FederatedAggregation
 from ..experiment import ClairCLI
-from ..rounds import check_aggregation
 
 # Flower's run config holds flat scalars; these keys carry the experiment and the engine's
 # settings from `flwr run` (or `clair flower simulate`) to the ServerApp and every ClientApp.
@@ -133,8 +133,10 @@ class Experiment:
 
     @cached_property
     def aggregation_options(self) -> dict[str, Any]:
-        a = self.aggregation
-        return check_aggregation(a.name, a.period, a.options, a.nonfinite)
+        """The aggregator's options, checked exactly as ``clair fit`` checks them."""
+        callback = FederatedAggregation(**self.aggregation.as_dict())
+        callback.check_options(self.datamodule.num_clients)
+        return callback.options
 
     @cached_property
     def datamodule(self):

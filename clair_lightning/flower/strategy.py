@@ -16,6 +16,7 @@ is bounded by ``node_wait`` seconds.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -87,6 +88,7 @@ class ClairStrategy(Strategy):
         self._trained: dict[int, ClientUpdate] = {}
         self._missing: dict[int, str] = {}
         self._pending: dict = {}
+        self._phase_started = time.perf_counter()
 
     # --- training -------------------------------------------------------------------------------
 
@@ -94,6 +96,7 @@ class ClairStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._missing = {}
+        self._phase_started = time.perf_counter()
         online = self._identify(grid, self._wait_for_nodes(grid, server_round), server_round)
         for partition in range(self.num_clients):
             if partition not in online:
@@ -129,6 +132,7 @@ class ClairStrategy(Strategy):
             self.adapters.update(trained)
         else:
             self._pending = self._aggregate(server_round, answered, weights)
+        self._pending["train_seconds"] = time.perf_counter() - self._phase_started
         return None, MetricRecord({"clients": len(answered)})
 
     def _aggregate(self, server_round: int, answered: list[int], weights: dict) -> dict:
@@ -171,6 +175,7 @@ class ClairStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._phase_started = time.perf_counter()
         nodes = {partition: node for node, partition in self.nodes.items()}
         self._sent = [
             (self._message(MessageType.EVALUATE, nodes[p], p, server_round), p)
@@ -193,7 +198,9 @@ class ClairStrategy(Strategy):
             if self.settings.simulation
             else None
         )
+        self._pending["evaluate_seconds"] = time.perf_counter() - self._phase_started
         record = round_record(self._pending, truth, client_metrics, self._missing)
+        record["session"] = 0
         self.records.append(record)
         self._log_round(record)
         self.write_summary()
@@ -362,6 +369,8 @@ class ClairStrategy(Strategy):
             data,
             time.perf_counter() - self.started,
             self.records,
+            task_metric=datamodule.TASK_METRIC,
+            sessions=[{"after_round": 0, "pid": os.getpid()}],  # a Flower run does not resume
             engine=engine,
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
