@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .compression import _symmetric_gram
 from .factors import Refactorized, Split
 from .updates import ClientUpdate, LoraFactors, ValidatedUpdates
 
@@ -95,8 +96,9 @@ def refined_at_rank(
     inside = subspace.T @ stacked_b  # r_s x Σr: each client's Uᵀ B_k side by side
     off_b = (stacked_b - subspace @ inside) * column_weights
     rows = _RowBasis(torch.cat([a for _, a in factors], dim=0))
-    off_core = off_b @ rows.coordinates  # N in row coordinates (d_out x n)
-    shared_eigenvalues, shared_vectors = torch.linalg.eigh(off_core.T @ off_core)
+    # H = NᵀN in row coordinates, from the Σr x Σr Gram of the off-subspace factors.
+    shared = rows.coordinates.T @ _symmetric_gram(off_b.T) @ rows.coordinates
+    shared_eigenvalues, shared_vectors = torch.linalg.eigh(shared)
     shared_eigenvalues = shared_eigenvalues.flip(0).clamp_min(0)
     shared_vectors = shared_vectors.flip(1)
     coordinates_in_eigenbasis = rows.coordinates @ shared_vectors
@@ -116,7 +118,7 @@ def refined_at_rank(
 
     num_clients, n = per_client.shape[0], shared_eigenvalues.numel()
     directions = shared_vectors @ eigenvectors.to(dtype).permute(1, 0, 2).reshape(n, -1)
-    off_part = off_core @ directions  # d_out x K·count
+    off_part = off_b @ (rows.coordinates @ directions)  # d_out x K·count
     new_a = rows.to_rows(directions).reshape(num_clients, count, -1)
     singular = eigenvalues.clamp_min(0).sqrt().to(dtype)
     results = []

@@ -1,0 +1,138 @@
+"""One round of the Lightning federation: aggregation + write-back against training, and memory.
+
+    python benchmarks/federation_speed.py           # K = 64 and K = 2, hidden-256 4-layer Llama
+    python benchmarks/federation_speed.py --quick   # K = 8 and K = 2
+
+The benchmark model of the speed issue: a randomly initialised Llama (hidden 256, 4 layers,
+4 heads), LoRA r = 8 on q and v (8 modules), the text-copy data (10 local steps of 16
+examples per client and round), CLAIR with 30% reversed-target clients. Each K runs one round
+in a fresh process; training time runs from the epoch's start to the end of its last batch,
+aggregation and write-back are the callback's own timings, peak memory is ``ru_maxrss``.
+K = 1 is not a federation (the module refuses it), so the memory baseline is K = 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from clair_lightning.callbacks.aggregation import FederatedAggregation
+from clair_lightning.federation import ConfigBase, FederatedLoRAModule
+from clair_lightning.recipes.text_copy import TextCopyDataModule
+from clair_lightning.recipes.text_copy.vocabulary import vocabulary_size
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": vocabulary_size(24),
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+}
+
+
+class TrainingTimer(pl.Callback):
+    """Seconds from the epoch's start to the end of its last training batch (before aggregation)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            self.seconds += time.perf_counter() - self._start
+
+
+def child(num_clients: int) -> dict:
+    pl.seed_everything(0, verbose=False)
+    module = FederatedLoRAModule(
+        ConfigBase(LLAMA),
+        num_clients=num_clients,
+        lora_rank=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        learning_rate=0.003,
+    )
+    data = TextCopyDataModule(
+        num_clients=num_clients,
+        contaminated_fraction=0.3,
+        contamination="reversed_targets",
+        local_steps=10,
+        batch_size=16,
+        shared_pairs=3,
+        private_rewrites=2,
+        train_examples=32,
+        val_examples=32,
+        test_examples=32,
+    )
+    timer, aggregation = TrainingTimer(), FederatedAggregation("clair")
+    with tempfile.TemporaryDirectory() as directory:
+        trainer = pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=directory,
+            callbacks=[timer, aggregation],
+        )
+        trainer.fit(module, datamodule=data)
+    record = aggregation.records[0]
+    return {
+        "K": num_clients,
+        "threads": torch.get_num_threads(),
+        "training": timer.seconds,
+        "aggregation": record["aggregation_seconds"],
+        "write_back": record["write_back_seconds"],
+        "flagged": sum(client["flag"] for client in record["clients"]),
+        "contaminated": sum(client["contaminated"] for client in record["clients"]),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="K = 8 instead of 64")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return
+    runs = []
+    for num_clients in (8 if args.quick else 64, 2):
+        command = [sys.executable, __file__, "--child", str(num_clients)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(output.strip().splitlines()[-1]))
+    print(
+        "| K | training (s) | aggregation (s) | write-back (s) | (aggregation + write-back) / "
+        "training | peak RSS (MiB) | flagged |\n|---|---|---|---|---|---|---|"
+    )
+    for m in runs:
+        share = (m["aggregation"] + m["write_back"]) / m["training"]
+        print(
+            f"| {m['K']} | {m['training']:.1f} | {m['aggregation']:.2f} | {m['write_back']:.2f} | "
+            f"**{share:.3f}** | {m['peak_rss_mib']:.0f} | {m['flagged']} of {m['K']} "
+            f"({m['contaminated']} contaminated) |"
+        )
+    ratio = runs[0]["peak_rss_mib"] / runs[1]["peak_rss_mib"]
+    print(
+        f"\npeak memory K = {runs[0]['K']} / K = 2: **{ratio:.2f}** ({runs[0]['threads']} threads)"
+    )
+
+
+if __name__ == "__main__":
+    main()
