@@ -41,11 +41,16 @@ LLAMA = {
 }
 
 
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class TrainingTimer(pl.Callback):
     """Seconds from the epoch's start to the end of its last training batch (before aggregation)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.peak_before_aggregation_mib = 0.0
         self._start = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -54,6 +59,7 @@ class TrainingTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx + 1 == trainer.num_training_batches:
             self.seconds += time.perf_counter() - self._start
+            self.peak_before_aggregation_mib = peak_rss_mib()
 
 
 def child(num_clients: int) -> dict:
@@ -100,7 +106,8 @@ def child(num_clients: int) -> dict:
         "write_back": record["write_back_seconds"],
         "flagged": sum(client["flag"] for client in record["clients"]),
         "contaminated": sum(client["contaminated"] for client in record["clients"]),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_before_aggregation_mib": timer.peak_before_aggregation_mib,
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
@@ -119,13 +126,15 @@ def main() -> None:
         runs.append(json.loads(output.strip().splitlines()[-1]))
     print(
         "| K | training (s) | aggregation (s) | write-back (s) | (aggregation + write-back) / "
-        "training | peak RSS (MiB) | flagged |\n|---|---|---|---|---|---|---|"
+        "training | peak RSS (MiB): before aggregation, whole round | flagged |\n"
+        "|---|---|---|---|---|---|---|"
     )
     for m in runs:
         share = (m["aggregation"] + m["write_back"]) / m["training"]
         print(
             f"| {m['K']} | {m['training']:.1f} | {m['aggregation']:.2f} | {m['write_back']:.2f} | "
-            f"**{share:.3f}** | {m['peak_rss_mib']:.0f} | {m['flagged']} of {m['K']} "
+            f"**{share:.3f}** | {m['peak_before_aggregation_mib']:.0f}, {m['peak_rss_mib']:.0f} | "
+            f"{m['flagged']} of {m['K']} "
             f"({m['contaminated']} contaminated) |"
         )
     ratio = runs[0]["peak_rss_mib"] / runs[1]["peak_rss_mib"]
