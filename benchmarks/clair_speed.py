@@ -30,7 +30,7 @@ from clair_lightning.core.updates import validate_updates
 PAUSE = 0.5
 
 
-def contaminated_federation(num_clients, d, rank, fraction, seed=0):
+def contaminated_federation(num_clients, d, rank, fraction, seed=0, num_modules=1):
     """Benign updates in a shared subspace plus ``fraction`` random off-subspace clients."""
     generator = torch.Generator().manual_seed(seed)
     federation = synthetic_federation(
@@ -40,6 +40,7 @@ def contaminated_federation(num_clients, d, rank, fraction, seed=0):
         rank=rank,
         subspace_rank=rank,
         noise=0.05,
+        num_modules=num_modules,
         generator=generator,
         dtype=torch.float32,
     )
