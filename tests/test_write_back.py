@@ -95,6 +95,18 @@ def test_refined_at_rank_equals_refactorizing_each_refined_update(
                 )
 
 
+def test_refined_at_rank_in_client_groups_equals_all_at_once(monkeypatch):
+    updates = _federation(12, 40, 80, 4, torch.float64)
+    result = clair_aggregate(updates)
+    validated = validate_updates(updates)
+    subspace = result.subspaces["layers.0.proj"]
+    together = refined_at_rank(validated, "layers.0.proj", subspace, result.collaborative_set, 4)
+    monkeypatch.setattr("clair_lightning.core.refinement._ITERATION_ENTRIES", 1)
+    grouped = refined_at_rank(validated, "layers.0.proj", subspace, result.collaborative_set, 4)
+    for ours, reference in zip(grouped, together, strict=True):
+        torch.testing.assert_close(ours.b @ ours.a, reference.b @ reference.a)
+
+
 @pytest.mark.parametrize("flagged_policy", ["own", "consensus"])
 def test_at_rank_gives_every_client_what_refined_holds(flagged_policy):
     updates = _federation(10, 24, 40, 3, torch.float64)

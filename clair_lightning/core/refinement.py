@@ -107,9 +107,14 @@ def refined_at_rank(
     )  # Z_k in the eigenbasis of H: K x r_s x n
 
     count = min(rank, shared_eigenvalues.numel())
-    eigenvalues, eigenvectors = _top_eigenpairs(
-        shared_eigenvalues.to(torch.float64), per_client.to(torch.float64), count
-    )
+    width = count + per_client.shape[1] + _OVERSAMPLING
+    group = max(1, _ITERATION_ENTRIES // (shared_eigenvalues.numel() * width))
+    pairs = [
+        _top_eigenpairs(shared_eigenvalues.to(torch.float64), chunk.to(torch.float64), count)
+        for chunk in per_client.split(group)
+    ]
+    eigenvalues = torch.cat([values for values, _ in pairs])
+    eigenvectors = torch.cat([vectors for _, vectors in pairs])
     total = shared_eigenvalues.to(torch.float64).sum() + per_client.to(torch.float64).square().sum(
         dim=(1, 2)
     )
@@ -195,6 +200,9 @@ def _well_conditioned(lower: Tensor, info: Tensor, ratio: float) -> bool:
 
 
 _OVERSAMPLING = 8
+# Clients go through the subspace iteration in groups whose float64 blocks hold about this
+# many entries (64 MiB), so memory does not grow with K.
+_ITERATION_ENTRIES = 2**23
 _RESIDUAL_TOLERANCE = 1e-10
 _MAX_ITERATIONS = 60
 
