@@ -30,6 +30,7 @@ from ..rounds import (
     SUMMARY,
     aggregate_round,
     benign_mean,
+    by_client,
     check_aggregation,
     round_record,
     run_summary,
@@ -136,25 +137,45 @@ class FederatedAggregation(pl.Callback):
         self, trainer: pl.Trainer, pl_module: FederatedLoRAModule, round_number: int
     ) -> dict:
         datamodule: FederatedDataModule = trainer.datamodule
-        clients = range(pl_module.num_clients)
-        uploads = [read_update(pl_module.model, adapter_name(k)) for k in clients]
-        uploads = datamodule.contaminate_updates(uploads, round_number)
+        participants = datamodule.participants(round_number)
+        uploads = [read_update(pl_module.model, adapter_name(k)) for k in participants]
+        uploads = datamodule.contaminate_updates(uploads, round_number, clients=participants)
         result, fields = aggregate_round(
-            self.name, self.options, uploads, datamodule.train_sizes, datamodule.contaminated
+            self.name,
+            self.options,
+            uploads,
+            [datamodule.train_sizes[k] for k in participants],
+            [datamodule.contaminated[k] for k in participants],
         )
         started = time.perf_counter()
-        adapters = [adapter_name(k) for k in clients]
+        adapters = [adapter_name(k) for k in participants]
         errors = write_refined(pl_module.model, adapters, result.refined, uploads, self._generator)
-        truncation = {k: max(module_errors.values()) for k, module_errors in errors.items()}
+        truncation = {
+            participants[k]: max(module_errors.values()) for k, module_errors in errors.items()
+        }
         fields["write_back_seconds"] = time.perf_counter() - started
-        return {"round": round_number, **fields, "truncation_error": truncation}
+        return {
+            "round": round_number,
+            **by_client(fields, participants, pl_module.num_clients),
+            "truncation_error": truncation,
+            "participants": participants,
+        }
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
         datamodule: FederatedDataModule = trainer.datamodule
-        record = round_record(pending, datamodule.contaminated, pl_module.client_metrics)
+        participants = datamodule.participants(pending["round"])
+        pending.setdefault("participants", participants)
+        idle = {
+            k: "not sampled this round"
+            for k in range(datamodule.num_clients)
+            if k not in set(participants)
+        }
+        record = round_record(
+            pending, datamodule.contaminated, pl_module.client_metrics, missing=idle
+        )
         record["session"] = len(self.sessions) - 1
         record["seconds"] = time.perf_counter() - (self._round_started or time.perf_counter())
         self.records.append(record)

@@ -16,11 +16,13 @@ def round_line(record: dict, rounds: int | None) -> str:
     clients = record["clients"]
     parts = [f"round {record['round']}/{rounds}" if rounds else f"round {record['round']}"]
     if record["aggregated"]:
-        flagged = [c["client"] for c in clients if c["flag"]]
-        excluded = [c["client"] for c in clients if c.get("excluded") is not None]
-        truth = [c["client"] for c in clients if c["contaminated"]]
+        present = [c for c in clients if c.get("missing") is None]
+        flagged = [c["client"] for c in present if c["flag"]]
+        excluded = [c["client"] for c in present if c.get("excluded") is not None]
+        truth = [c["client"] for c in present if c["contaminated"]]
         detection = _detection(record["detection"], truth)
-        text = f"flagged {_clients(flagged)} of {len(clients)}{detection}"
+        sampled = "" if len(present) == len(clients) else f" sampled of {len(clients)}"
+        text = f"flagged {_clients(flagged)} of {len(present)}{sampled}{detection}"
         if excluded:
             text += f", of which excluded {_clients(excluded)} (see summary.json)"
         parts.append(text)

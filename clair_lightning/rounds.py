@@ -88,6 +88,32 @@ def aggregate_round(
     return result, fields
 
 
+def by_client(fields: dict, answered: list[int], num_clients: int) -> dict:
+    """The aggregator's per-participant fields re-indexed by client (``None`` for absent).
+
+    ``answered`` lists the round's participants (sampled, or the clients that replied).
+    """
+
+    def spread(values):
+        if len(values) != len(answered):
+            return values
+        full = [None] * num_clients
+        for index, client in enumerate(answered):
+            full[client] = values[index]
+        return full
+
+    flags = spread(fields["flags"])
+    return {
+        **fields,
+        "flags": [bool(flag) for flag in flags],
+        "scores": None if fields["scores"] is None else spread(fields["scores"]),
+        "excluded": {answered[k]: reason for k, reason in fields["excluded"].items()},
+        "score_components": {
+            name: spread(values) for name, values in fields["score_components"].items()
+        },
+    }
+
+
 def round_record(
     pending: dict,
     truth: Sequence[bool | None] | None,

@@ -69,3 +69,14 @@ class PauseAfterRound(pl.Callback):
             Path(self.marker).touch()
             while True:
                 time.sleep(0.05)
+
+
+class InterruptAfterRound(pl.Callback):
+    """Raise KeyboardInterrupt when round ``rounds + 1`` starts, as a user's Ctrl-C would."""
+
+    def __init__(self, rounds: int):
+        self.rounds = rounds
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.rounds:
+            raise KeyboardInterrupt

@@ -289,3 +289,58 @@ def test_clair_fit_with_updates_that_never_move_gives_the_documented_idle_result
         assert record["diagnostics"]["unmoved"] is True
         assert [c["flag"] for c in record["clients"]] == [False] * 4
         assert [c["score"] for c in record["clients"]] == [0.0] * 4
+
+
+def test_ten_clients_four_per_round_sampled_from_the_seed_and_replayed_on_resume(tmp_path, capsys):
+    from clair_lightning.metrics import detection_metrics
+    from clair_lightning.recipes.text_copy import TextCopyDataModule
+
+    sampling = ["--data.init_args.num_clients", "10", "--data.init_args.clients_per_round", "4"]
+    common = ["--run.output_dir", str(tmp_path), "--trainer.max_epochs", "3", *sampling]
+    straight_dir = run(SMOKE, [*common, "--run.name", "straight"])
+    rounds = _summary(straight_dir)["rounds"]
+    settings = yaml.safe_load(open(SMOKE))["data"]["init_args"]
+    data = TextCopyDataModule(**{**settings, "num_clients": 10, "clients_per_round": 4}, seed=0)
+    expected = [data.participants(r) for r in (1, 2, 3)]
+    assert [r["participants"] for r in rounds] == expected
+    assert all(len(p) == 4 for p in expected) and len({tuple(p) for p in expected}) > 1
+    for previous, record in zip(rounds, rounds[1:], strict=False):
+        sampled = set(record["participants"])
+        for client in record["clients"]:
+            k = client["client"]
+            if k in sampled:
+                continue
+            assert client["missing"] == "not sampled this round"
+            assert not client["flag"] and client["score"] is None
+            # Not sampled: its adapter was neither trained nor rewritten.
+            assert client["metrics"] == previous["clients"][k]["metrics"]
+        present = [c for c in record["clients"] if c["client"] in sampled]
+        assert record["detection"] == detection_metrics(
+            [c["flag"] for c in present],
+            [c["score"] for c in present],
+            [c["contaminated"] for c in present],
+        )
+    assert "flagged " in capsys.readouterr().out.split("round 3/3: ")[1].split(" sampled of 10")[0]
+
+    stop = tmp_path / "stop.yaml"
+    interrupt = {"class_path": "tests.helpers.InterruptAfterRound", "init_args": {"rounds": 2}}
+    stop.write_text(yaml.safe_dump({"trainer": {"callbacks": [interrupt]}}))
+    with pytest.raises(SystemExit):
+        run(SMOKE, ["--config", str(stop), *common, "--run.name", "resumed"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    resumed_dir = run(SMOKE, [*common, "--run.name", "resumed", "--ckpt_path", "last"])
+    resumed = _summary(resumed_dir)["rounds"]
+    assert [r["session"] for r in resumed] == [0, 0, 1]
+    assert [r["participants"] for r in resumed] == expected
+    assert [c["metrics"] for c in resumed[-1]["clients"]] == [
+        c["metrics"] for c in rounds[-1]["clients"]
+    ]
+
+
+@pytest.mark.parametrize("value", ["1", "11", "0.1", "1.5"])
+def test_clients_per_round_outside_two_to_all_is_refused(tmp_path, capsys, value):
+    arguments = ["--run.output_dir", str(tmp_path), "--data.init_args.clients_per_round", value]
+    assert main(["fit", "--config", SMOKE, *arguments]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "clients_per_round" in error[0]
+    assert not any(tmp_path.iterdir())

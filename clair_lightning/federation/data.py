@@ -7,7 +7,7 @@ attack generators) are applied to the factors a contaminated client uploads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,10 @@ class FederatedDataModule(pl.LightningDataModule):
     ``contaminated_fraction`` of the clients (chosen by ``seed``) are contaminated with
     ``contamination``: a data-level scenario of the recipe, an update-level attack name from
     ``clair_lightning.core.attacks``, or ``"none"``.
+
+    ``clients_per_round`` (a count, or a fraction of ``num_clients``; default all) samples the
+    round's participants from ``(seed, round)``: only they train and are aggregated, the others
+    keep their adapter, and a resumed run samples the same clients.
     """
 
     DATA_CONTAMINATIONS: tuple[str, ...] = ()
@@ -57,6 +61,7 @@ class FederatedDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 64,
         seed: int = 0,
+        clients_per_round: int | float | None = None,
     ):
         super().__init__()
         if num_clients < 2:
@@ -94,7 +99,16 @@ class FederatedDataModule(pl.LightningDataModule):
                 "no contaminated client"
             )
         self.contaminated = [k in chosen for k in range(num_clients)]
+        self.clients_per_round = _participant_count(clients_per_round, num_clients)
         self._clients: list[ClientExamples] | None = None
+
+    def participants(self, round_number: int) -> list[int]:
+        """The clients that train and are aggregated in round ``round_number`` (1-based)."""
+        if self.clients_per_round == self.num_clients:
+            return list(range(self.num_clients))
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + round_number) * 31 + 7)
+        order = torch.randperm(self.num_clients, generator=generator)
+        return sorted(order[: self.clients_per_round].tolist())
 
     @classmethod
     def contaminations(cls) -> tuple[str, ...]:
@@ -138,7 +152,12 @@ class FederatedDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         sampler = RoundBatchSampler(
-            self.train_sizes, self.local_steps, self.batch_size, self.seed, self._current_round
+            self.train_sizes,
+            self.local_steps,
+            self.batch_size,
+            self.seed,
+            self._current_round,
+            clients=lambda round_index: self.participants(round_index + 1),
         )
         return DataLoader(
             _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
@@ -236,6 +255,26 @@ class FederatedDataModule(pl.LightningDataModule):
         )
 
 
+def _participant_count(clients_per_round: int | float | None, num_clients: int) -> int:
+    """Participants per round from a count or a fraction; at least two, at most everyone."""
+    if clients_per_round is None:
+        return num_clients
+    if isinstance(clients_per_round, float) and not clients_per_round.is_integer():
+        if not 0 < clients_per_round <= 1:
+            raise ValueError(
+                f"clients_per_round as a fraction must be in (0, 1], got {clients_per_round}"
+            )
+        count = round(clients_per_round * num_clients)
+    else:
+        count = int(clients_per_round)
+    if not 2 <= count <= num_clients:
+        raise ValueError(
+            f"clients_per_round={clients_per_round} gives {count} of {num_clients} clients per "
+            "round; it must give between two and num_clients"
+        )
+    return count
+
+
 class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
     """``local_steps`` batches per client per round; the order depends only on (seed, round)."""
 
@@ -246,21 +285,26 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
         batch_size: int,
         seed: int,
         current_round,
-        clients: Sequence[int] | None = None,
+        clients: Sequence[int] | Callable[[int], Sequence[int]] | None = None,
     ):
         self.sizes = list(sizes)
         self.local_steps = local_steps
         self.batch_size = batch_size
         self.seed = seed
         self.current_round = current_round
-        self.clients = range(len(self.sizes)) if clients is None else list(clients)
+        if clients is None:
+            clients = range(len(self.sizes))
+        self.clients = clients if callable(clients) else list(clients)
 
     def __len__(self) -> int:
-        return len(self.clients) * self.local_steps
+        return len(self._clients(self.current_round())) * self.local_steps
+
+    def _clients(self, round_index: int) -> Sequence[int]:
+        return self.clients(round_index) if callable(self.clients) else self.clients
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         round_index = self.current_round()
-        for client in self.clients:
+        for client in self._clients(round_index):
             size = self.sizes[client]
             generator = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + round_index) * 10_007 + client

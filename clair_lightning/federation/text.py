@@ -150,6 +150,7 @@ class TextDataModule(FederatedDataModule):
         batch_size: int = 4,
         eval_batch_size: int = 16,
         seed: int = 0,
+        clients_per_round: int | float | None = None,
         client_column: str | None = None,
         clients: list[str] | None = None,
         partitioner: Partitioner | None = None,
@@ -183,6 +184,7 @@ class TextDataModule(FederatedDataModule):
             batch_size,
             eval_batch_size,
             seed,
+            clients_per_round,
         )
         if shape not in ("text", "instruction", "chat"):
             raise TextDataError(f"shape must be 'text', 'instruction' or 'chat', got {shape!r}")

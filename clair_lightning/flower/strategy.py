@@ -34,6 +34,7 @@ from ..rounds import (
     SUMMARY,
     TABLE_COLUMNS,
     aggregate_round,
+    by_client,
     client_rows,
     round_record,
     round_scalars,
@@ -165,7 +166,7 @@ class ClairStrategy(Strategy):
         }
         return {
             "round": server_round,
-            **_by_partition(fields, answered, self.num_clients),
+            **by_client(fields, answered, self.num_clients),
             "truncation_error": truncation,
             "participants": answered,
         }
@@ -375,26 +376,3 @@ class ClairStrategy(Strategy):
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / SUMMARY, summary)
-
-
-def _by_partition(fields: dict, answered: list[int], num_clients: int) -> dict:
-    """The aggregator's per-participant fields re-indexed by partition (``None`` for absent)."""
-
-    def spread(values):
-        if len(values) != len(answered):
-            return values
-        full = [None] * num_clients
-        for index, partition in enumerate(answered):
-            full[partition] = values[index]
-        return full
-
-    flags = spread(fields["flags"])
-    return {
-        **fields,
-        "flags": [bool(flag) for flag in flags],
-        "scores": None if fields["scores"] is None else spread(fields["scores"]),
-        "excluded": {answered[k]: reason for k, reason in fields["excluded"].items()},
-        "score_components": {
-            name: spread(values) for name, values in fields["score_components"].items()
-        },
-    }

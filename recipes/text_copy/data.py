@@ -35,6 +35,7 @@ class TextCopyDataModule(FederatedDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 128,
         seed: int = 0,
+        clients_per_round: int | float | None = None,
         content_tokens: int = 24,
         sequence_length: int = 8,
         output_tokens: int = 6,
@@ -55,6 +56,7 @@ class TextCopyDataModule(FederatedDataModule):
             batch_size,
             eval_batch_size,
             seed,
+            clients_per_round,
         )
         if not 1 <= output_tokens < content_tokens:
             raise ValueError(f"output_tokens must be in [1, content_tokens={content_tokens})")
