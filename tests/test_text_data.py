@@ -177,6 +177,33 @@ def test_backdoor_probes_report_attack_success(tiny, tmp_path):
     assert "attack_success" in summary["rounds"][-1]["benign_mean"]
 
 
+def test_compare_reports_benign_attack_success_next_to_the_clean_metric(tiny, tmp_path):
+    from clair_lightning.compare.__main__ import main as compare
+
+    model_dir, files, _ = tiny
+    config = write_config(tmp_path / "tiny_chat.yaml", model_dir, files["chat"], "chat")
+    output = tmp_path / "compare"
+    arguments = ["--config", str(config), "--aggregators", "clair,fedavg"]
+    arguments += ["--contaminations", "none,backdoor", "--seeds", "0"]
+    assert compare([*arguments, "--output", str(output), "--no-wandb"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["task"]["metric"] == "token_accuracy"
+    groups = {(g["aggregator"], g["contamination"]): g for g in results["groups"]}
+    assert groups[("clair", "none")]["final_attack_success"] is None  # no probes without it
+    for aggregator in ("clair", "fedavg"):
+        cell = next(
+            c
+            for c in results["cells"]
+            if (c["cell"]["aggregator"], c["cell"]["contamination"]) == (aggregator, "backdoor")
+        )
+        clients = cell["rounds"][-1]["clients"]
+        benign = [c["metrics"]["attack_success"] for c in clients if not c["contaminated"]]
+        expected = sum(benign) / len(benign)
+        assert groups[(aggregator, "backdoor")]["final_attack_success"] == pytest.approx(expected)
+    report = (output / "report.md").read_text()
+    assert "attack success on triggered held-out prompts" in report
+
+
 def test_contaminations_change_only_contaminated_clients_training_data(tiny):
     clean = topic_clients(tiny, "chat")
     for contamination in ("backdoor", "response_swap", "random_tokens", "foreign_text"):
