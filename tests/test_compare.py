@@ -243,3 +243,33 @@ def test_a_pool_of_workers_gives_the_same_cells_as_one_process(tmp_path):
             assert client_a["metrics"]["error"] == pytest.approx(
                 client_b["metrics"]["error"], rel=1e-9
             )
+
+
+def test_a_grid_where_every_aggregator_ends_equal_is_not_judged_on_benign_claims():
+    from clair_lightning.compare.report import claims
+
+    def group(aggregator, final):
+        return {
+            "aggregator": aggregator,
+            "contamination": "sign_flip",
+            "final_benign": final,
+            "per_seed_benign": {0: final},
+            "final_f1": 1.0,
+            "f1": 1.0,
+            "auroc": 1.0,
+            "fpr": 0.0,
+        }
+
+    def results(finals):
+        return {
+            "task": {"metric": "exact_match", "higher_is_better": True},
+            "grid": {"aggregators": list(finals), "contaminations": ["sign_flip"], "seeds": [0]},
+            "groups": [group(name, final) for name, final in finals.items()],
+        }
+
+    equal = claims(results({"clair": 0.042, "fedavg": 0.042, "median": 0.042}))
+    benign = [v for v in equal if "benign" in v["claim"]]
+    assert benign and all(v["holds"] is None and "not judged" in v["measured"] for v in benign)
+    assert [v["holds"] for v in equal if "F1" in v["claim"]] == [True]
+    apart = claims(results({"clair": 0.5, "fedavg": 0.1, "median": 0.3}))
+    assert [v["holds"] for v in apart if "benign" in v["claim"]] == [True, True]

@@ -344,3 +344,19 @@ def test_clients_per_round_outside_two_to_all_is_refused(tmp_path, capsys, value
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "clients_per_round" in error[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_saved_adapter_configs_hold_a_portable_base_reference(straight):
+    config = json.loads((straight / "adapters" / "client_0" / "adapter_config.json").read_text())
+    reference = config["base_model_name_or_path"]
+    assert reference.startswith("clair_lightning.recipes.text_copy.model.PretrainedCopyBase(")
+    assert '"pretrain_steps": 300' in reference
+    assert str(Path.home()) not in reference and "/tmp" not in reference
+
+
+def test_oracle_without_the_truth_says_what_it_needs():
+    from clair_lightning import aggregate
+
+    updates = [{"m": (torch.ones(3, 1), torch.ones(1, 2))} for _ in range(3)]
+    with pytest.raises(ValueError, match=r"aggregator 'oracle' needs contaminated=\[\.\.\.\]"):
+        aggregate("oracle", updates)

@@ -121,6 +121,11 @@ def claims(results: dict) -> list[dict]:
                 }
             )
             continue
+        # A grid on which every aggregator ends with the same benign metric (e.g. a smoke
+        # config) cannot tell aggregators apart: its benign claims are reported, not judged.
+        finals = {g["final_benign"] for (_, c), g in groups.items() if c == contamination}
+        indistinct = len(groups) > 1 and len(finals) == 1
+        too_small = " (not judged: every aggregator ends equal; the grid is too small)"
         verdicts.append(
             {
                 "contamination": contamination,
@@ -146,8 +151,9 @@ def claims(results: dict) -> list[dict]:
                     "claim": f"benign {results['task']['metric']} better than {rival} "
                     "in every seed",
                     "measured": f"better in {sum(wins)}/{len(wins)} seeds (mean "
-                    f"{clair['final_benign']:.4f} vs {rival_mean:.4f})",
-                    "holds": bool(wins) and all(wins),
+                    f"{clair['final_benign']:.4f} vs {rival_mean:.4f})"
+                    + (too_small if indistinct else ""),
+                    "holds": None if indistinct else bool(wins) and all(wins),
                 }
             )
         robust = [
@@ -162,8 +168,10 @@ def claims(results: dict) -> list[dict]:
                     "contamination": contamination,
                     "claim": "benign metric at least as good as the best robust baseline",
                     "measured": f"CLAIR {clair['final_benign']:.4f} vs {best['aggregator']} "
-                    f"{best['final_benign']:.4f}",
-                    "holds": not better(best["final_benign"], clair["final_benign"]),
+                    f"{best['final_benign']:.4f}" + (too_small if indistinct else ""),
+                    "holds": None
+                    if indistinct
+                    else not better(best["final_benign"], clair["final_benign"]),
                 }
             )
     return verdicts

@@ -45,4 +45,10 @@ def aggregate(
     **options: Any,
 ) -> AggregationResult:
     """Run the aggregator ``name`` on ``updates`` with its keyword ``options``."""
-    return get_aggregator(name)(updates, weights, **options)
+    function = get_aggregator(name)
+    if name in NEEDS_TRUTH and options.get("contaminated") is None:
+        raise ValueError(
+            f"aggregator {name!r} needs contaminated=[...]: the ground-truth mask, one bool per "
+            "client (simulation only)"
+        )
+    return function(updates, weights, **options)

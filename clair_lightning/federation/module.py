@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -62,6 +63,7 @@ class FederatedLoRAModule(pl.LightningModule):
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.save_hyperparameters(ignore=["base_model"])
+        self.base_reference = base_reference(base_model)
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen base is rebuilt, not stored in checkpoints
         self.model, config = build_lora_model(
@@ -200,11 +202,44 @@ class FederatedLoRAModule(pl.LightningModule):
             )
 
     def save_adapters(self, directory: Path) -> list[Path]:
-        """Each client's adapter in peft format: ``directory/client_<k>/``."""
+        """Each client's adapter in peft format: ``directory/client_<k>/``.
+
+        ``base_model_name_or_path`` in each ``adapter_config.json`` is ``base_reference`` (a hub
+        name, or the base source's class and settings), not this machine's cache path.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         names = [adapter_name(k) for k in range(self.num_clients)]
         self.model.save_pretrained(str(directory), selected_adapters=names)
+        for name in names:
+            config_file = directory / name / "adapter_config.json"
+            config = json.loads(config_file.read_text())
+            config["base_model_name_or_path"] = self.base_reference
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         return [directory / name for name in names]
+
+
+def base_reference(source: BaseModelSource) -> str:
+    """A reference to the base that means the same on another machine.
+
+    A hub name stays as given; any other source is named by its class and its JSON settings,
+    with paths reduced to their last part (an absolute path of this machine is useless
+    elsewhere).
+    """
+    if getattr(source, "local", True) is False and isinstance(source.name_or_path, str):
+        return source.name_or_path
+    settings = {}
+    for key, value in sorted(vars(source).items()):
+        if key.startswith("_"):
+            continue
+        if isinstance(value, Path) or (isinstance(value, str) and Path(value).is_absolute()):
+            value = Path(value).name
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        settings[key] = value
+    cls = type(source)
+    return f"{cls.__module__}.{cls.__qualname__}({json.dumps(settings, sort_keys=True)})"
 
 
 def lr_factor(step: int, schedule: LrSchedule, warmup_steps: int, total_steps: int) -> float:

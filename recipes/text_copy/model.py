@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -73,7 +75,15 @@ class PretrainedCopyBase(BaseModelSource):
 
     def build(self) -> PreTrainedModel:
         if not (self.path / "config.json").is_file():
+            steps = self.settings["pretrain_steps"]
+            print(
+                f"pre-training the copy base once ({steps} steps; cached in {self.path})...",
+                file=sys.stderr,
+                flush=True,
+            )
+            started = time.perf_counter()
             self._pretrain_and_cache()
+            print(f"pre-trained in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         return AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True)
 
     def config(self) -> LlamaConfig:
