@@ -150,30 +150,24 @@ class FederatedDataModule(pl.LightningDataModule):
         return [len(c.train) for c in self._clients]
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
-        sampler = RoundBatchSampler(
-            self.train_sizes,
-            self.local_steps,
-            self.batch_size,
-            self.seed,
-            self._current_round,
-            clients=lambda round_index: self.participants(round_index + 1),
-        )
-        return DataLoader(
-            _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
+        return self._round_loader(
+            self._current_round, lambda round_index: self.participants(round_index + 1)
         )
 
     def client_round_dataloader(self, client: int, round_index: int) -> DataLoader:
         """One client's ``local_steps`` training batches of round ``round_index`` (0-based),
         the very batches ``train_dataloader`` gives that client in that round."""
+        return self._round_loader(lambda: round_index, [client])
+
+    def _round_loader(self, current_round, clients) -> DataLoader:
         self.setup()
         sampler = RoundBatchSampler(
             self.train_sizes,
             self.local_steps,
             self.batch_size,
             self.seed,
-            lambda: round_index,
-            clients=[client],
+            current_round,
+            clients=clients,
         )
         return DataLoader(
             _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
