@@ -35,6 +35,7 @@ CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion", "
 _MAX_DETECTION_ROUNDS = 5
 _CLEAN_SHARE = 1e-3
 _SUPPORT_FACTOR = 10.0
+_SMALLEST_MINORITY = 3
 
 
 def clair_aggregate(
@@ -441,12 +442,14 @@ def _minority_support(
 ) -> Tensor:
     """Off-subspace z-scores of the carriers of minority directions, against the rest's subspace.
 
-    Zero for everyone else, and for everyone when the carriers are not a minority.
+    Zero for everyone else, and for everyone when the carriers are not a minority or fewer
+    than three: one or two benign clients often share a direction of their own (clients with
+    overlapping tasks), which the rank rule can admit into the subspace of a small federation.
     """
     carriers = estimator.minority_carriers(core_bases, reference)
     support_z = torch.zeros(len(reference), dtype=torch.float64, device=reference.device)
     rest = reference & ~carriers
-    if bool(carriers.any()) and int(rest.sum()) > int(carriers.sum()):
+    if _SMALLEST_MINORITY <= int(carriers.sum()) < int(rest.sum()):
         residual = estimator.residual_fraction(estimator.estimate(rest))
         support_z[carriers] = robust_z(residual, rest & independent, floor)[carriers]
     return support_z
