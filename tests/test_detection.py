@@ -137,3 +137,17 @@ def test_copies_do_not_shrink_the_robust_scales():
     assert any(scaled_by_copies.contaminated)
     assert not any(result.contaminated)
     assert all(result.score_components["closeness_z"][k] > THRESHOLD for k in (0, 4, 7, 17))
+
+
+def test_two_clients_sharing_a_direction_of_their_own_are_left_alone():
+    """Benign clients with overlapping tasks: a direction carried by only two clients is theirs,
+    not a colluding minority, so the support check does not test them."""
+    federation = _federation(seed=2)
+    pair = [k in (4, 9) for k in range(K)]
+    updates = contaminate(federation.updates, pair, "rank1_off_subspace")
+    result = clair_aggregate(updates, checks=("support",))
+    assert not any(result.contaminated)
+    assert max(result.score_components["support_z"]) == 0.0
+    four = [k in (4, 9, 12, 15) for k in range(K)]
+    updates = contaminate(federation.updates, four, "rank1_off_subspace")
+    assert clair_aggregate(updates, checks=("support",)).contaminated == four
