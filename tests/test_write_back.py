@@ -132,6 +132,21 @@ def test_at_rank_gives_every_client_what_refined_holds(flagged_policy):
         assert received[5] is received[2 if flagged_policy == "consensus" else 5]
 
 
+def test_at_rank_never_builds_a_full_refined_update(monkeypatch):
+    """Exact refined updates are rank r + Σr; the stream must not build one, not even to list
+    the modules."""
+    updates = _federation(8, 24, 40, 3, torch.float64)
+    result = clair_aggregate(updates)
+    assert not result.contaminated[0]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a full refined update was built")
+
+    monkeypatch.setattr("clair_lightning.core.clair.refine", refuse)
+    monkeypatch.setattr("clair_lightning.core.clair.module_refinement", refuse)
+    assert [name for name, _ in result.refined.at_rank(3)] == ["layers.0.proj"]
+
+
 def test_a_global_aggregate_is_refactorized_once_per_module():
     updates = _federation(6, 24, 40, 3, torch.float64)
     result = fedavg(updates)

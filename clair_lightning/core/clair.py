@@ -212,6 +212,7 @@ def clair_aggregate(
             validated.num_clients,
             _refined_builder(validated, contaminated, pieces, flagged_policy),
             _module_at_rank(validated, contaminated, pieces, flagged_policy),
+            validated.module_names,
         ),
         contaminated=contaminated,
         scores=client_scores,

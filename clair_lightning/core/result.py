@@ -30,10 +30,12 @@ class RefinedUpdates(Sequence[ClientUpdate]):
         num_clients: int,
         build: Callable[[int], ClientUpdate],
         module_at_rank: ModuleAtRank | None = None,
+        module_names: Sequence[str] | None = None,
     ):
         self._num_clients = num_clients
         self._build = build
         self._module_at_rank = module_at_rank
+        self._module_names = None if module_names is None else list(module_names)
 
     @classmethod
     def from_list(cls, updates: Sequence[ClientUpdate]) -> RefinedUpdates:
@@ -47,7 +49,7 @@ class RefinedUpdates(Sequence[ClientUpdate]):
         def module_at_rank(name: str, rank: int, split: Split) -> list[AtRank]:
             return [at_rank(*update[name], rank, split)] * num_clients
 
-        return cls(num_clients, lambda _client: dict(update), module_at_rank)
+        return cls(num_clients, lambda _client: dict(update), module_at_rank, list(update))
 
     def at_rank(
         self, rank: int | Mapping[str, int], split: Split = "balanced"
@@ -59,7 +61,10 @@ class RefinedUpdates(Sequence[ClientUpdate]):
         approximation (as ``refactorize`` gives it). Only one module's results are alive at a
         time, so a caller that writes them out (into adapters, into messages) streams.
         """
-        names = list(rank) if isinstance(rank, Mapping) else list(self._build(0))
+        if isinstance(rank, Mapping):
+            names = list(rank)
+        else:
+            names = self._module_names if self._module_names is not None else list(self._build(0))
         for name in names:
             module_rank = rank[name] if isinstance(rank, Mapping) else rank
             if self._module_at_rank is not None:
