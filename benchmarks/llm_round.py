@@ -11,6 +11,11 @@ detection) plus ``result.refined.at_rank(r)`` consumed module by module (what th
 callback and a Flower server do), against ``torch.linalg.svd`` of the compressed d x Kr
 stacking of sampled modules, measured in the same process before and after the round and
 scaled to all modules. 20% of the clients send random off-subspace updates. float32.
+
+Times are CPU seconds of the process (``time.process_time``), not wall-clock: on a machine
+shared with other jobs a process gets a varying share of the cores, and CPU time is what the
+round costs. Run with ``OMP_NUM_THREADS=1`` so CPU time is the work of one thread; the step
+timings in the comment line are wall-clock (``clair_aggregate``'s diagnostics).
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ def svd_seconds(updates, names):
     seconds = []
     for name in names:
         stacked = compress_module(validated, name, validated.included).stacked.contiguous()
-        start = time.perf_counter()
+        start = time.process_time()
         torch.linalg.svd(stacked, full_matrices=False)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(time.process_time() - start)
     return seconds
 
 
@@ -73,13 +78,15 @@ def child(d: int, num_clients: int, rank: int, num_modules: int, svd_samples: in
     half = max(1, len(sampled) // 2)
     svd = svd_seconds(updates, sampled[:half])
 
-    start = time.perf_counter()
+    wall = time.perf_counter()
+    start = time.process_time()
     result = clair_aggregate(updates)
-    aggregate_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    aggregate_seconds = time.process_time() - start
+    start = time.process_time()
     for _module, _received in result.refined.at_rank(rank):
         pass  # a server would send each client its factors here; only one module is alive
-    write_back_seconds = time.perf_counter() - start
+    write_back_seconds = time.process_time() - start
+    wall_seconds = time.perf_counter() - wall
     peak = peak_rss_mib()
 
     svd += svd_seconds(updates, sampled[half:])
@@ -94,6 +101,7 @@ def child(d: int, num_clients: int, rank: int, num_modules: int, svd_samples: in
         "svd_per_module": svd_module,
         "svd_measured": len(svd),
         "aggregate": aggregate_seconds,
+        "wall": wall_seconds,
         "write_back": write_back_seconds,
         "steps": steps,
         "flagged": sum(result.contaminated),
@@ -113,7 +121,7 @@ def run_child(d, num_clients, rank, num_modules, svd_samples) -> dict:
 
 
 HEADER = (
-    "| d | K | r | modules | round (s) | of which write-back (s) | 1 SVD (s) | round / "
+    "| d | K | r | modules | round (CPU s) | of which write-back | 1 SVD (CPU s) | round / "
     "(modules x SVD) | peak above start / input | flagged |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
 )
@@ -153,7 +161,8 @@ def main() -> None:
         print(row(measured), flush=True)
         steps = ", ".join(f"{k} {v:.1f}" for k, v in measured["steps"].items())
         print(
-            f"<!-- {measured['threads']} threads; SVD measured on {measured['svd_measured']} "
+            f"<!-- {measured['threads']} threads; round wall-clock {measured['wall']:.0f} s; SVD "
+            f"measured on {measured['svd_measured']} "
             f"modules; clair_aggregate steps (s): {steps}; RSS before inputs "
             f"{measured['rss_before_inputs_mib']:.0f} MiB, after "
             f"{measured['rss_after_inputs_mib']:.0f}, peak {measured['peak_rss_mib']:.0f} -->",
