@@ -7,7 +7,9 @@ One ``median`` call (products of all clients formed one block of rows at a time 
 product, middle values by selection) against one ``torch.linalg.svd`` of the compressed d x Kr
 stacking (goal: ≤ 10x), and, on the first row blocks, against the previous implementation
 (client-by-client products, full sort along the clients): same values asserted bit for bit.
-Memory is bounded by the block (``chunk_elements``), reported with the figures.
+Memory is bounded by the block (``chunk_elements``), reported with the figures. Times are CPU
+seconds of the process (run with ``OMP_NUM_THREADS=1``): on a shared machine the wall-clock
+share of the cores varies during a run.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ def previous_median_rows(factors, rows: slice) -> torch.Tensor:
 
 
 def seconds(function) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:
@@ -50,32 +52,32 @@ def main() -> None:
     stacked = compress_module(validated, name, validated.included).stacked.contiguous()
     torch.linalg.svd(stacked, full_matrices=False)  # warm-up
     svd = seconds(lambda: torch.linalg.svd(stacked, full_matrices=False))
-    start = time.perf_counter()
+    start = time.process_time()
     result = median(updates)
-    total = time.perf_counter() - start
+    total = time.process_time() - start
     svd_after = seconds(lambda: torch.linalg.svd(stacked, full_matrices=False))
     svd = min(svd, svd_after)
 
     factors = [validated.updates[k][name] for k in validated.included]
     block_rows = DEFAULT_CHUNK_ELEMENTS // (num_clients * d)
     compared = slice(0, min(d, args.compared_blocks * block_rows))
-    start = time.perf_counter()
+    start = time.process_time()
     expected = torch.cat(
         [
             previous_median_rows(factors, slice(row, row + block_rows))
             for row in range(0, compared.stop, block_rows)
         ]
     )
-    previous = time.perf_counter() - start
+    previous = time.process_time() - start
     assert torch.equal(result.refined[0][name][0][compared], expected), "values differ"
     print(
         f"d_out = d_in = {d}, K = {num_clients}, r = {rank}, float32, one module, "
         f"{torch.get_num_threads()} threads; blocks of {block_rows} rows "
         f"({DEFAULT_CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB of products)"
     )
-    print(f"  torch.linalg.svd of the {d} x {stacked.shape[1]} stacking: {svd:7.2f} s")
+    print(f"  torch.linalg.svd of the {d} x {stacked.shape[1]} stacking: {svd:7.2f} CPU s")
     print(
-        f"  median (whole module, exact):             {total:7.2f} s   ratio {total / svd:5.1f}"
+        f"  median (whole module, exact):             {total:7.2f} CPU s   ratio {total / svd:5.1f}"
         "  (goal <= 10)"
     )
     share = compared.stop / d
