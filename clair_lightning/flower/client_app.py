@@ -152,9 +152,13 @@ class _Client:
         return dict(self.module.metrics)
 
     def _trainer(self, **settings) -> pl.Trainer:
-        """A quiet Trainer on the config's accelerator, one device, no logs or checkpoints."""
+        """A quiet Trainer on the config's accelerator and precision, one device, no logs or
+        checkpoints."""
+        configured = self.experiment.config.trainer
+        if configured.precision is not None:
+            settings.setdefault("precision", configured.precision)
         return pl.Trainer(
-            accelerator=self.experiment.config.trainer.accelerator or "auto",
+            accelerator=configured.accelerator or "auto",
             devices=1,
             max_epochs=1,
             logger=False,

@@ -90,6 +90,7 @@ class ClairStrategy(Strategy):
         self._missing: dict[int, str] = {}
         self._pending: dict = {}
         self._phase_started = time.perf_counter()
+        self._identify_seconds = 0.0
 
     # --- training -------------------------------------------------------------------------------
 
@@ -97,8 +98,10 @@ class ClairStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._missing = {}
-        self._phase_started = time.perf_counter()
+        started = time.perf_counter()
         online = self._identify(grid, self._wait_for_nodes(grid, server_round), server_round)
+        self._phase_started = time.perf_counter()
+        self._identify_seconds = self._phase_started - started
         for partition in range(self.num_clients):
             if partition not in online:
                 self._leave_out(partition, server_round, "no SuperNode online holds it")
@@ -134,6 +137,7 @@ class ClairStrategy(Strategy):
         else:
             self._pending = self._aggregate(server_round, answered, weights)
         self._pending["train_seconds"] = time.perf_counter() - self._phase_started
+        self._pending["identify_seconds"] = self._identify_seconds  # waiting for and asking nodes
         return None, MetricRecord({"clients": len(answered)})
 
     def _aggregate(self, server_round: int, answered: list[int], weights: dict) -> dict:
