@@ -76,7 +76,8 @@ def refined_at_rank(
     orthonormal basis of the rows of the stacked ``A`` (which contain every ``A_k``) that is one
     shared matrix ``H`` plus a rank-``r_s`` term per client. One eigendecomposition of ``H`` per
     module makes each client's top-``rank`` eigenproblem diagonal plus low rank, solved by a
-    batched subspace iteration in float64 to a residual of ``1e-10``; the factors follow from
+    batched subspace iteration in float64 (to a residual of 1e-8 of the largest eigenvalue for
+    float32 factors, 1e-10 for float64); the factors follow from
     three GEMMs over all clients at once. Peak memory is a few ``d x Σr`` blocks per module.
     """
     if rank < 1:
@@ -110,7 +111,12 @@ def refined_at_rank(
     width = count + per_client.shape[1] + _OVERSAMPLING
     group = max(1, _ITERATION_ENTRIES // (shared_eigenvalues.numel() * width))
     pairs = [
-        _top_eigenpairs(shared_eigenvalues.to(torch.float64), chunk.to(torch.float64), count)
+        _top_eigenpairs(
+            shared_eigenvalues.to(torch.float64),
+            chunk.to(torch.float64),
+            count,
+            _RESIDUAL_TOLERANCE[dtype],
+        )
         for chunk in per_client.split(group)
     ]
     eigenvalues = torch.cat([values for values, _ in pairs])
@@ -203,17 +209,22 @@ _OVERSAMPLING = 8
 # Clients go through the subspace iteration in groups whose float64 blocks hold about this
 # many entries (64 MiB), so memory does not grow with K.
 _ITERATION_ENTRIES = 2**23
-_RESIDUAL_TOLERANCE = 1e-10
+# Ritz residual, relative to the largest eigenvalue, at which a client's iteration stops: the
+# eigenproblem is only as accurate as the factors it was formed from.
+_RESIDUAL_TOLERANCE = {torch.float32: 1e-8, torch.float64: 1e-10}
 _MAX_ITERATIONS = 60
 
 
-def _top_eigenpairs(diagonal: Tensor, low_rank: Tensor, count: int) -> tuple[Tensor, Tensor]:
+def _top_eigenpairs(
+    diagonal: Tensor, low_rank: Tensor, count: int, tolerance: float
+) -> tuple[Tensor, Tensor]:
     """Top ``count`` eigenpairs of ``diag(d) + Y_kᵀY_k`` for each ``Y_k`` in ``low_rank``.
 
     ``diagonal`` is sorted descending. Batched subspace iteration with Rayleigh–Ritz, started
     from the rows of ``Y_k`` and the leading coordinate axes (where the top eigenvectors lie
     when the update is small or large against ``diag(d)``); a client whose Ritz residuals do not
-    fall below ``1e-10 · θ₁`` within the iteration limit gets an exact dense eigendecomposition.
+    fall below ``tolerance · θ₁`` within the iteration limit gets an exact dense
+    eigendecomposition.
     Returns eigenvalues (K x count, descending) and eigenvectors (K x n x count).
     """
     num_clients, extra_rank, n = low_rank.shape
@@ -233,7 +244,7 @@ def _top_eigenpairs(diagonal: Tensor, low_rank: Tensor, count: int) -> tuple[Ten
         basis, applied = basis @ rotation, applied @ rotation
         residual = applied[..., :count] - basis[..., :count] * ritz_values[:, None, :count]
         scale = ritz_values[:, :1].abs().clamp_min(1e-300)
-        done = (torch.linalg.vector_norm(residual, dim=1) <= _RESIDUAL_TOLERANCE * scale).all(1)
+        done = (torch.linalg.vector_norm(residual, dim=1) <= tolerance * scale).all(1)
         finished = pending[done]
         eigenvalues[finished] = ritz_values[done, :count]
         eigenvectors[finished] = basis[done, :, :count]
