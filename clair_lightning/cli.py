@@ -17,9 +17,11 @@ stops the command with one line on stderr and exit code 2, before any run folder
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .experiment import ClairCLI, check_config_files, run
@@ -33,6 +35,7 @@ USER_ERRORS = (ValueError, OSError, argparse.ArgumentError)
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    quiet_library_chatter()
     if arguments[:1] == ["compare"]:
         from .compare.__main__ import main as compare
 
@@ -52,6 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clair: error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def quiet_library_chatter() -> None:
+    """Keep stderr to what the user must read: the seed is in config.yaml, and peft's use of a
+    deprecated transformers property is no concern of the run (a refused setting is then
+    exactly one line on stderr)."""
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
 
 
 def one_line(error: BaseException) -> str:

@@ -221,13 +221,16 @@ def test_every_bad_value_is_one_line_exit_2_and_no_run_folder(tmp_path, capsys, 
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
-def test_missing_and_malformed_config_files_and_predict_are_refused_in_one_line(tmp_path):
+def test_bad_files_and_values_are_one_line_on_a_real_processs_stderr(tmp_path, straight):
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("trainer: [max_epochs: 2\n")
+    fit = ["fit", "--config", SMOKE, "--run.output_dir", str(tmp_path / "runs")]  # base cached
     cases = [
         (["fit", "--config", str(tmp_path / "missing.yaml")], "does not exist"),
         (["fit", "--config", str(malformed)], "is not valid YAML (line 2, column 1)"),
         (["predict", "--config", SMOKE], "invalid choice"),
+        ([*fit, "--data.init_args.num_clients", "1"], "at least two clients"),
+        ([*fit, "--aggregation.options", "{threshold: -1}"], "threshold must be positive"),
     ]
     script = "import sys; from clair_lightning.cli import main; sys.exit(main(sys.argv[1:]))"
     for arguments, message in cases:
@@ -242,6 +245,7 @@ def test_missing_and_malformed_config_files_and_predict_are_refused_in_one_line(
         assert done.returncode == 2, (arguments, done.stderr)
         assert len(error) == 1 and error[0].startswith("clair: error: "), done.stderr
         assert message in error[0]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_help_mentions_compare_and_no_longer_offers_a_single_optimizer(capsys):
