@@ -210,7 +210,10 @@ def test_round_summary_line_says_who_was_flagged_how_well_and_how_long(straight)
         (["--trainer.max_epochs", "x"], "trainer.max_epochs: Expected a <class 'int'>"),
     ],
 )
-def test_every_bad_value_is_one_line_exit_2_and_no_run_folder(tmp_path, capsys, arguments, message):
+def test_every_bad_value_is_one_line_exit_2_and_no_run_folder(
+    tmp_path, capsys, straight, arguments, message
+):
+    """``straight`` first: the base is then cached, so no pre-training message is printed."""
     import re
 
     code = main(["fit", "--config", SMOKE, "--run.output_dir", str(tmp_path), *arguments])
