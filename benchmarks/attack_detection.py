@@ -3,6 +3,7 @@
     python benchmarks/attack_detection.py                 # K = 20, 20% and 40%, 5 seeds
     python benchmarks/attack_detection.py --seeds 2       # quicker
     python benchmarks/attack_detection.py --update-readme README.md
+    python benchmarks/attack_detection.py --checks all     # with the opt-in support check
 
 Benign clients share a column subspace (two modules) with heterogeneous in-subspace
 coefficients and off-subspace estimation noise; the attackers (chosen at random per seed)
@@ -21,6 +22,7 @@ import torch
 
 from clair_lightning.compare.report import update_readme
 from clair_lightning.core import ATTACKS, aggregate, contaminate
+from clair_lightning.core.clair import CHECKS
 from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.metrics import detection_metrics
 
@@ -55,7 +57,7 @@ def benign_error(result, truth, benign):
     return statistics.mean(errors)
 
 
-def run_cell(attack, fraction, num_clients, heterogeneity, noise, seed, aggregators):
+def run_cell(attack, fraction, num_clients, heterogeneity, noise, seed, aggregators, checks):
     updates, truth = federation(num_clients, heterogeneity, noise, seed)
     order = torch.randperm(num_clients, generator=torch.Generator().manual_seed(1000 + seed))
     attackers = set(order[: round(fraction * num_clients)].tolist())
@@ -65,6 +67,8 @@ def run_cell(attack, fraction, num_clients, heterogeneity, noise, seed, aggregat
     row = {}
     for name in aggregators:
         options = {"contaminated": mask} if name == "oracle" else {}
+        if name == "clair" and checks is not None:
+            options["checks"] = checks
         result = aggregate(name, attacked, **options)
         row[f"error_{name}"] = benign_error(result, truth, benign)
         if name == "clair":
@@ -84,13 +88,24 @@ def main() -> None:
         "--attacks", default=",".join(a for a in sorted(ATTACKS) if a != "nonfinite")
     )
     parser.add_argument("--baselines", default=",".join(BASELINES))
+    parser.add_argument(
+        "--checks", default=None, help="CLAIR's checks, comma-separated or 'all' (default: its own)"
+    )
     parser.add_argument("--update-readme", type=Path, default=None, metavar="README")
     args = parser.parse_args()
+    checks = (
+        None
+        if args.checks is None
+        else (CHECKS if args.checks == "all" else tuple(args.checks.split(",")))
+    )
+    if checks is not None and args.update_readme:
+        parser.error("--update-readme writes the default checks' table; drop --checks")
     torch.set_num_threads(1)
     aggregators = ["clair", *[b for b in args.baselines.split(",") if b]]
     print(
         f"K = {args.clients}, heterogeneity {args.heterogeneity}, noise {args.noise}, "
-        f"{args.seeds} seeds, {SETTINGS}, threads {torch.get_num_threads()}"
+        f"{args.seeds} seeds, {SETTINGS}, threads {torch.get_num_threads()}, "
+        f"checks {checks or 'default'}"
     )
     header = ["attack", "share", "F1", "AUROC", "FPR", *[f"err {a}" for a in aggregators]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -106,6 +121,7 @@ def main() -> None:
                     args.noise,
                     seed,
                     aggregators,
+                    checks,
                 )
                 for seed in range(args.seeds)
             ]

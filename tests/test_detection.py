@@ -4,6 +4,7 @@ import torch
 
 from clair_lightning import clair_aggregate
 from clair_lightning.core.attacks import contaminate
+from clair_lightning.core.clair import CHECKS
 from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.recipes.linear_regression.data import make_federation
 
@@ -106,8 +107,8 @@ def test_a_direction_carried_by_a_minority_of_distinct_clients_leaves_the_subspa
     updates = contaminate(
         federation.updates, [k in attackers for k in range(K)], "rank1_off_subspace"
     )
-    without = clair_aggregate(updates, checks=("off_subspace", "direction", "norm", "collusion"))
-    result = clair_aggregate(updates)
+    without = clair_aggregate(updates)
+    result = clair_aggregate(updates, checks=CHECKS)
     true_ranks = {name: u.shape[1] for name, u in federation.subspaces.items()}
     assert not any(without.contaminated)
     assert any(without.diagnostics["subspace_ranks"][n] > r for n, r in true_ranks.items())
@@ -151,3 +152,14 @@ def test_two_clients_sharing_a_direction_of_their_own_are_left_alone():
     four = [k in (4, 9, 12, 15) for k in range(K)]
     updates = contaminate(federation.updates, four, "rank1_off_subspace")
     assert clair_aggregate(updates, checks=("support",)).contaminated == four
+
+
+def test_a_cluster_sharing_a_direction_is_not_flagged_by_the_default_checks():
+    """``support`` is opt-in: four clients carrying one extra direction may be a benign cluster
+    sharing a task, so the default checks leave them alone and only ``support`` flags them."""
+    federation = _federation(seed=2)
+    cluster = [k in (4, 9, 12, 15) for k in range(K)]
+    updates = contaminate(federation.updates, cluster, "rank1_off_subspace")
+    assert not any(clair_aggregate(updates).contaminated)
+    assert max(clair_aggregate(updates).score_components["support_z"]) == 0.0
+    assert clair_aggregate(updates, checks=CHECKS).contaminated == cluster

@@ -32,6 +32,7 @@ from .updates import ClientUpdate, NonFinitePolicy, ValidatedUpdates, validate_u
 FlaggedPolicy = Literal["own", "consensus"]
 Check = Literal["off_subspace", "direction", "norm", "collusion", "support"]
 CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion", "support")
+DEFAULT_CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion")
 _MAX_DETECTION_ROUNDS = 5
 _CLEAN_SHARE = 1e-3
 _SUPPORT_FACTOR = 10.0
@@ -48,7 +49,7 @@ def clair_aggregate(
     tolerance: float = 1e-4,
     max_iterations: int = 500,
     threshold: float = 4.5,
-    checks: Sequence[Check] = CHECKS,
+    checks: Sequence[Check] = DEFAULT_CHECKS,
     off_subspace_floor: float = 0.02,
     direction_floor: float = 0.075,
     norm_floor: float = 0.25,
@@ -80,7 +81,9 @@ def clair_aggregate(
             measured against everyone else it also leaves their subspace or is too typical),
             ``support`` (clients carrying a direction of the shared subspace that fewer than
             half of the clients carry, flagged when they leave the subspace re-estimated
-            without them).
+            without them). ``support`` is opt-in: it cannot tell colluders sharing a direction
+            from a benign cluster sharing a task (three benign text-copy clients flagged in
+            round 5 of the main job), so the default is the other four.
         off_subspace_floor, direction_floor, norm_floor: smallest scale of each robust z-score,
             so near-identical benign clients are not flagged for tiny deviations: with the
             default threshold a direction flag needs a cosine at least 0.34 below the typical
