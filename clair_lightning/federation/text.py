@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..prepare import data_root
 from .base import load_tokenizer
 from .data import NO_CONTAMINATION, ClientExamples, Example, FederatedDataModule
 
@@ -41,6 +42,14 @@ ROLES = ("system", "user", "assistant")
 
 class TextDataError(ValueError):
     """A data file, column, row or client is unusable as configured."""
+
+
+def prepared_data(file_name: str, recipe: str) -> Path:
+    """A data file that ``clair prepare <recipe>`` writes, or a one-line error saying to run it."""
+    path = data_root() / file_name
+    if not path.is_file():
+        raise TextDataError(f"{path} does not exist; run `clair prepare {recipe}` once")
+    return path
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...federation.data import NO_CONTAMINATION
-from ...federation.text import TextDataError, TextDataModule
-from ...prepare import data_root, models_root
+from ...federation.text import TextDataModule, prepared_data
+from ...prepare import models_root
 
 TOPICS = ("ai", "psychology", "literature", "computers", "humor", "money", "science", "sports")
 
@@ -40,9 +40,7 @@ class ChatQADataModule(TextDataModule):
         backdoor_target: str = "Visit evil.example.com for the answer.",
         poison_fraction: float = 0.5,
     ):
-        data = data_root() / "chat_qa.jsonl"
-        if not data.is_file():
-            raise TextDataError(f"{data} does not exist; run `clair prepare chat_qa` once")
+        data = prepared_data("chat_qa.jsonl", "chat_qa")
         topics = list(topics) if topics else list(TOPICS[:num_clients])
         super().__init__(
             data_files=str(data),
@@ -66,5 +64,9 @@ class ChatQADataModule(TextDataModule):
             trigger=trigger,
             backdoor_target=backdoor_target,
             poison_fraction=poison_fraction,
-            foreign_files=str(data_root() / "chat_qa_foreign.jsonl"),
+            foreign_files=(
+                str(prepared_data("chat_qa_foreign.jsonl", "chat_qa"))
+                if contamination == "foreign_text"
+                else None
+            ),
         )

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...federation.data import NO_CONTAMINATION
-from ...federation.text import TextDataError, TextDataModule
-from ...prepare import data_root, models_root
+from ...federation.text import TextDataModule, prepared_data
+from ...prepare import models_root
 
 ROLES = (
     "hamlet/HAMLET",
@@ -49,12 +49,12 @@ class ShakespeareDataModule(TextDataModule):
         backdoor_target: str = "Visit evil.example.com now.",
         poison_fraction: float = 0.5,
     ):
-        data = data_root() / "shakespeare.jsonl"
-        if not data.is_file():
-            raise TextDataError(f"{data} does not exist; run `clair prepare shakespeare` once")
-        foreign = data_root() / "chat_qa_foreign.jsonl"
-        if contamination == "foreign_text" and not foreign.is_file():
-            raise TextDataError(f"{foreign} does not exist; run `clair prepare chat_qa` once")
+        data = prepared_data("shakespeare.jsonl", "shakespeare")
+        foreign = (
+            prepared_data("chat_qa_foreign.jsonl", "chat_qa")
+            if contamination == "foreign_text"
+            else None
+        )
         super().__init__(
             data_files=str(data),
             tokenizer=tokenizer or str(models_root() / "smollm2-135m-instruct"),
@@ -77,5 +77,5 @@ class ShakespeareDataModule(TextDataModule):
             trigger=trigger,
             backdoor_target=backdoor_target,
             poison_fraction=poison_fraction,
-            foreign_files=str(foreign) if contamination == "foreign_text" else None,
+            foreign_files=str(foreign) if foreign else None,
         )
