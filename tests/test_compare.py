@@ -273,3 +273,104 @@ def test_a_grid_where_every_aggregator_ends_equal_is_not_judged_on_benign_claims
     assert [v["holds"] for v in equal if "F1" in v["claim"]] == [True]
     apart = claims(results({"clair": 0.5, "fedavg": 0.1, "median": 0.3}))
     assert [v["holds"] for v in apart if "benign" in v["claim"]] == [True, True]
+
+
+def _start_compare(output: Path):
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-c",
+        "from clair_lightning.cli import main; raise SystemExit(main())",
+        "compare",
+        "--config",
+        str(CONFIG),
+        "--aggregators",
+        "clair,fedavg,local",
+        "--contaminations",
+        "random_targets",
+        "--seeds",
+        "0,1,2",
+        "--workers",
+        "2",
+        "--no-wandb",
+        "--output",
+        str(output),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _workers_once_records_grow(process, cells: Path, more_than: int):
+    """The comparison's worker processes, once more than ``more_than`` cells are recorded."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while len(list(cells.glob("*.json"))) <= more_than:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no new cell was recorded: {process.communicate()}")
+        time.sleep(0.1)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert workers, "the comparison runs no worker processes"
+    return workers
+
+
+def test_a_killed_or_terminated_comparison_leaves_no_workers_and_resumes(tmp_path, capsys):
+    import signal
+
+    import psutil
+
+    output, cells = tmp_path / "o", tmp_path / "o" / "cells"
+    total = len(
+        expand_grid(
+            "linear_regression", ["clair", "fedavg", "local"], ["random_targets"], [0, 1, 2]
+        )
+    )
+
+    killed = _start_compare(output)
+    workers = _workers_once_records_grow(killed, cells, 0)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"workers outlived a SIGKILLed comparison: {alive}"
+    after_kill = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
+    assert 1 <= len(after_kill) < total
+
+    terminated = _start_compare(output)
+    workers = _workers_once_records_grow(terminated, cells, len(after_kill))
+    terminated.send_signal(signal.SIGTERM)
+    out, err = terminated.communicate(timeout=60)
+    assert terminated.returncode == 130, err[-2000:]
+    assert f"resuming: {len(after_kill)} of {total} cells already finished" in out
+    assert "interrupted; finished cells are kept in" in err and "Traceback" not in err
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"workers outlived a terminated comparison: {alive}"
+    after_term = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
+    assert len(after_kill) < len(after_term) < total
+
+    main(
+        [
+            "--config",
+            str(CONFIG),
+            "--aggregators",
+            "clair,fedavg,local",
+            "--contaminations",
+            "random_targets",
+            "--seeds",
+            "0,1,2",
+            "--no-wandb",
+            "--output",
+            str(output),
+        ]
+    )
+    assert (
+        f"resuming: {len(after_term)} of {total} cells already finished" in capsys.readouterr().out
+    )
+    final = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
+    assert len(final) == total
+    # The mechanism: cells finished before an interruption were never run again.
+    assert all(final[name] == mtime for name, mtime in after_term.items())
+    assert len(json.loads((output / "results.json").read_text())["cells"]) == total

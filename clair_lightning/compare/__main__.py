@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..jsonio import write_json
@@ -26,6 +28,11 @@ def _seeds(text: str) -> list[int]:
         return [int(part) for part in _names(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends a comparison like Ctrl-C: running cells stop, finished ones stay."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
     try:
         comparison = run_comparison(
@@ -82,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print(
+            f"clair compare: interrupted; finished cells are kept in {args.output / 'cells'}, "
+            "the same command resumes",
+            file=sys.stderr,
+        )
+        return 130
     results = report.build_results(comparison)
     command = "clair compare " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json(args.output / "results.json", results)

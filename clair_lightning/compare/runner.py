@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -77,13 +79,23 @@ def run_comparison(
         for cell in pending:
             finished(cell, backend.run(cell, Path(output) / "runs" / cell.key))
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=get_context("spawn"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        )
+        try:
             futures = {
                 pool.submit(_run_cell, config, engine, cell, Path(output) / "runs" / cell.key): cell
                 for cell in pending
             }
             for future in as_completed(futures):
                 finished(futures[future], future.result())
+        except BaseException:
+            _stop_workers(pool)
+            raise
+        pool.shutdown()
     return {
         "config": str(config),
         "recipe": backend.recipe,
@@ -101,6 +113,29 @@ def _run_cell(config: Path, engine: str, cell: Cell, workdir: Path) -> dict:
     """Pool entry point: rebuild the backend in the worker process."""
     backend: Backend = backend_for(config, engine)
     return backend.run(cell, workdir)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a worker whose comparison process is gone (SIGKILL included) stops
+    within a second instead of computing cells nobody will record."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """On an interruption, end the running cells now: their records are not written, so a
+    rerun of the same command runs them again."""
+    processes = list((pool._processes or {}).values())  # no public handle on the workers
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 def _load(path: Path) -> dict | None:
