@@ -11,6 +11,13 @@ from clair_lightning.compare.backends import backend_for
 from clair_lightning.compare.grid import expand_grid
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "linear_regression.yaml"
+REPORT_FILES = (
+    "report.md",
+    "readme_table.md",
+    "benign_metric.png",
+    "score_heatmaps.png",
+    "roc_curves.png",
+)
 
 
 def _run(output: Path, *extra: str) -> None:
@@ -39,13 +46,7 @@ def test_tiny_grid_writes_a_report_that_agrees_with_results(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
 
     assert len(results["cells"]) == 4 * 3 * 2
-    for name in (
-        "report.md",
-        "readme_table.md",
-        "benign_metric.png",
-        "score_heatmaps.png",
-        "roc_curves.png",
-    ):
+    for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B runs"
 
@@ -153,13 +154,7 @@ def test_tiny_lightning_grid_end_to_end(tmp_path, capsys):
     assert results["recipe"] == "text_copy_smoke"
     assert results["task"] == {"metric": "exact_match", "higher_is_better": True}
     assert len(results["cells"]) == 4
-    for name in (
-        "report.md",
-        "readme_table.md",
-        "benign_metric.png",
-        "score_heatmaps.png",
-        "roc_curves.png",
-    ):
+    for name in REPORT_FILES:
         assert (output / name).stat().st_size > 0, name
     for cell in results["cells"]:
         run_dir = Path(cell["run_dir"])
@@ -182,18 +177,11 @@ def test_compare_command_runs_offline_without_a_wandb_account(tmp_path):
     """A fresh shell: no WANDB_MODE, no API key. The command must not try to log in."""
     import os
     import subprocess
-    import sys
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     environment["HOME"] = str(tmp_path)  # no ~/.netrc, no wandb settings
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from clair_lightning.cli import main; raise SystemExit(main())",
-            "compare",
-            "--config",
-            str(CONFIG),
+        _compare_command(
             "--aggregators",
             "clair,fedavg",
             "--contaminations",
@@ -202,7 +190,7 @@ def test_compare_command_runs_offline_without_a_wandb_account(tmp_path):
             "0",
             "--output",
             str(tmp_path / "o"),
-        ],
+        ),
         env=environment,
         capture_output=True,
         text=True,
@@ -275,17 +263,25 @@ def test_a_grid_where_every_aggregator_ends_equal_is_not_judged_on_benign_claims
     assert [v["holds"] for v in apart if "benign" in v["claim"]] == [True, True]
 
 
-def _start_compare(output: Path):
-    import subprocess
+def _compare_command(*arguments: str) -> list[str]:
+    """``clair compare`` on the regression recipe, as a fresh process runs it."""
     import sys
 
-    command = [
+    return [
         sys.executable,
         "-c",
         "from clair_lightning.cli import main; raise SystemExit(main())",
         "compare",
         "--config",
         str(CONFIG),
+        *arguments,
+    ]
+
+
+def _start_compare(output: Path):
+    import subprocess
+
+    command = _compare_command(
         "--aggregators",
         "clair,fedavg,local",
         "--contaminations",
@@ -297,7 +293,7 @@ def _start_compare(output: Path):
         "--no-wandb",
         "--output",
         str(output),
-    ]
+    )
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
