@@ -278,21 +278,16 @@ def _compare_command(*arguments: str) -> list[str]:
     ]
 
 
+INTERRUPTED_GRID = (
+    "--aggregators", "clair,fedavg,local", "--contaminations", "random_targets", "--seeds", "0,1,2",
+)  # fmt: skip
+
+
 def _start_compare(output: Path):
     import subprocess
 
     command = _compare_command(
-        "--aggregators",
-        "clair,fedavg,local",
-        "--contaminations",
-        "random_targets",
-        "--seeds",
-        "0,1,2",
-        "--workers",
-        "2",
-        "--no-wandb",
-        "--output",
-        str(output),
+        *INTERRUPTED_GRID, "--workers", "2", "--no-wandb", "--output", str(output)
     )
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -347,21 +342,7 @@ def test_a_killed_or_terminated_comparison_leaves_no_workers_and_resumes(tmp_pat
     after_term = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
     assert len(after_kill) < len(after_term) < total
 
-    main(
-        [
-            "--config",
-            str(CONFIG),
-            "--aggregators",
-            "clair,fedavg,local",
-            "--contaminations",
-            "random_targets",
-            "--seeds",
-            "0,1,2",
-            "--no-wandb",
-            "--output",
-            str(output),
-        ]
-    )
+    main(["--config", str(CONFIG), *INTERRUPTED_GRID, "--no-wandb", "--output", str(output)])
     assert (
         f"resuming: {len(after_term)} of {total} cells already finished" in capsys.readouterr().out
     )
