@@ -83,6 +83,29 @@ def _trained(initial, seed):
     }
 
 
+def test_the_strategy_trains_the_clients_clair_fit_samples(tmp_path):
+    overrides = ["--data.init_args.clients_per_round=2"]
+    settings = RunSettings.from_file(SMOKE, overrides, output_dir=str(tmp_path), node_wait=1)
+    experiment = Experiment.load(settings)
+    strategy = ClairStrategy(experiment, experiment.client_module().update(), tmp_path / "run")
+    assert strategy.min_clients == 2
+    strategy.nodes = {100 + k: k for k in range(4)}
+    sent = []
+    for server_round in (1, 2, 3, 4):
+        grid = _Grid(range(100, 104))
+        list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        sampled = experiment.datamodule.participants(server_round)
+        assert [partition for _, partition in strategy._sent] == sampled
+        others = set(range(4)) - set(sampled)
+        assert strategy._missing == {k: "not sampled this round" for k in others}
+        sent.append(tuple(sampled))
+    assert len(set(sent)) > 1, "the sample never changed over four rounds"
+
+    too_many = RunSettings.from_file(SMOKE, overrides, output_dir=str(tmp_path), min_clients=3)
+    with pytest.raises(ValueError, match=r"min-clients must be in \[2, 2\] \(clients sampled"):
+        ClairStrategy(Experiment.load(too_many), experiment.client_module().update(), tmp_path)
+
+
 def test_malformed_and_non_finite_replies_are_left_out_with_a_reason(
     deployment_experiment, tmp_path, caplog
 ):

@@ -40,7 +40,8 @@ class RunSettings:
 
     ``simulation`` is the simulation-only setting under which clients report whether they are
     contaminated (the ground truth); a real deployment leaves it off. ``min_clients`` = 0 means
-    a majority of the federation (at least two).
+    a majority of the clients sampled per round
+    (at least two).
     """
 
     config_yaml: str

@@ -1,7 +1,8 @@
 """The server's strategy: CLAIR (or any engine aggregator) over Flower's Message API.
 
-Each round it finds which online SuperNode holds which partition (asking only nodes it has not
-met), sends every client the adapter refined for it, checks each reply, aggregates with the
+Each round it samples the config's ``clients_per_round`` (the clients ``clair fit`` samples in
+that round), finds which online SuperNode holds which partition (asking only nodes it has not
+met), sends every sampled client the adapter refined for it, checks each reply, aggregates with the
 same ``aggregate_round`` as the Lightning callback, fits each refined update to the client's
 adapter rank on the server with the callback's ``fit_refined``, then collects every client's
 validation metrics and records the round in ``summary.json`` and W&B.
@@ -70,10 +71,12 @@ class ClairStrategy(Strategy):
         self.settings = experiment.settings
         self.datamodule = experiment.datamodule  # its truth mask is used only in simulation
         self.num_clients = self.datamodule.num_clients
-        self.min_clients = self.settings.min_clients or max(2, self.num_clients // 2 + 1)
-        if not 2 <= self.min_clients <= self.num_clients:
+        sampled = self.datamodule.clients_per_round  # the config's client sampling, as in clair fit
+        self.min_clients = self.settings.min_clients or max(2, sampled // 2 + 1)
+        if not 2 <= self.min_clients <= sampled:
             raise ValueError(
-                f"min-clients must be in [2, {self.num_clients}], got {self.min_clients}"
+                f"min-clients must be in [2, {sampled}] (clients sampled per round), "
+                f"got {self.min_clients}"
             )
         self.run_dir = run_dir
         self.shapes = shapes_of(initial_adapter)
@@ -102,10 +105,14 @@ class ClairStrategy(Strategy):
         online = self._identify(grid, self._wait_for_nodes(grid, server_round), server_round)
         self._phase_started = time.perf_counter()
         self._identify_seconds = self._phase_started - started
+        sampled = set(self.datamodule.participants(server_round))
         for partition in range(self.num_clients):
-            if partition not in online:
+            if partition not in sampled:
+                self._missing[partition] = "not sampled this round"
+            elif partition not in online:
                 self._leave_out(partition, server_round, "no SuperNode online holds it")
-        self._require(len(online), server_round, "clients online")
+        online = {p: node for p, node in online.items() if p in sampled}
+        self._require(len(online), server_round, "sampled clients online")
         self._sent = [
             (self._message(MessageType.TRAIN, node, partition, server_round), partition)
             for partition, node in sorted(online.items())
