@@ -176,6 +176,21 @@ def test_backdoor_probes_report_attack_success(tiny, tmp_path):
         assert 0 <= client["metrics"]["attack_success"] <= 1
     assert "attack_success" in summary["rounds"][-1]["benign_mean"]
 
+    # A Flower client evaluates the same probes: given each client's final adapter, it reports
+    # the metrics, attack success included, that the Lightning run recorded in its last round.
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from clair_lightning.flower.client_app import _Client
+    from clair_lightning.flower.experiment import RunSettings
+    from clair_lightning.federation.client import ADAPTER
+
+    flower_client = _Client(RunSettings.from_file(config, simulation=True))
+    for client in summary["rounds"][-1]["clients"]:
+        weights = load_peft_weights(str(run_dir / "adapters" / f"client_{client['client']}"))
+        set_peft_model_state_dict(flower_client.module.model, weights, adapter_name=ADAPTER)
+        metrics = flower_client.evaluate(client["client"])
+        assert metrics == pytest.approx(client["metrics"], rel=1e-5, abs=1e-6)
+
 
 def test_compare_reports_benign_attack_success_next_to_the_clean_metric(tiny, tmp_path):
     from clair_lightning.compare.__main__ import main as compare

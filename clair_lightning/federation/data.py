@@ -190,10 +190,11 @@ class FederatedDataModule(pl.LightningDataModule):
         shuffle: bool = False,
         batch_size: int | None = None,
     ) -> DataLoader:
-        """One client's examples, e.g. to fine-tune a ``ClientLoRAModule`` on its own data."""
+        """One client's examples, e.g. to fine-tune a ``ClientLoRAModule`` on its own data;
+        ``split="probe"`` gives its attack probes (empty where the scenario has none)."""
         self.setup()
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if split not in ("train", "val", "test", "probe"):
+            raise ValueError(f"split must be 'train', 'val', 'test' or 'probe', got {split!r}")
         if not 0 <= client < self.num_clients:
             raise ValueError(f"client must be in [0, {self.num_clients}), got {client}")
         keys = [(client, i) for i in range(len(getattr(self._clients[client], split)))]

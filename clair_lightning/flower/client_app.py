@@ -144,9 +144,20 @@ class _Client:
         return self.module.update(), self.datamodule.train_sizes[partition]
 
     def evaluate(self, partition: int) -> dict[str, float]:
-        loader = self.datamodule.client_dataloader(
-            partition, "val", batch_size=self.datamodule.eval_batch_size
+        """Validation metrics, plus ``attack_success`` (exact match on the attack probes) where
+        the scenario has probes, as the Lightning federation reports them."""
+        metrics = self._validate(self._loader(partition, "val"))
+        probes = self._loader(partition, "probe")
+        if len(probes.dataset):
+            metrics["attack_success"] = self._validate(probes)["exact_match"]
+        return metrics
+
+    def _loader(self, partition: int, split: str):
+        return self.datamodule.client_dataloader(
+            partition, split, batch_size=self.datamodule.eval_batch_size
         )
+
+    def _validate(self, loader) -> dict[str, float]:
         with _quiet():
             self._trainer().validate(self.module, dataloaders=loader, verbose=False)
         return dict(self.module.metrics)
