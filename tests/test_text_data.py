@@ -180,9 +180,9 @@ def test_backdoor_probes_report_attack_success(tiny, tmp_path):
     # the metrics, attack success included, that the Lightning run recorded in its last round.
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
+    from clair_lightning.federation.client import ADAPTER
     from clair_lightning.flower.client_app import _Client
     from clair_lightning.flower.experiment import RunSettings
-    from clair_lightning.federation.client import ADAPTER
 
     flower_client = _Client(RunSettings.from_file(config, simulation=True))
     for client in summary["rounds"][-1]["clients"]:
