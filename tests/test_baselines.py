@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from clair_lightning.core import AGGREGATORS, UpdateValidationError, aggregate, get_aggregator
+from clair_lightning.core import (
+    AGGREGATORS,
+    UpdateValidationError,
+    aggregate,
+    baselines,
+    get_aggregator,
+)
 from clair_lightning.core.baselines import (
     fedavg,
     fedit,
@@ -153,21 +159,38 @@ def test_median_is_the_coordinate_wise_median(num_clients, chunk_elements):
 
 
 @pytest.mark.parametrize("num_clients", [7, 8])
-def test_median_by_selection_equals_the_sorted_middle_bitwise(num_clients):
-    """The partition-based median gives exactly the values of sorting along the clients."""
-    updates = _random_updates(num_clients, seed=9)
-    updates = [{n: (b.float(), a.float()) for n, (b, a) in u.items()} for u in updates]
-    updates[3] = updates[1]  # ties between clients
-    products = {n: torch.stack([b @ a for b, a in (u[n] for u in updates)]) for n in MODULES}
-    result = median(updates, chunk_elements=30)
-    for name, stacked in products.items():
-        ordered = stacked.sort(dim=0).values
-        expected = (ordered[(num_clients - 1) // 2] + ordered[num_clients // 2]) / 2
-        assert torch.equal(_dense(result.refined[0])[name], expected)
+def test_median_equals_torch_median_bitwise_with_ties(num_clients, monkeypatch):
+    """Sorting slices of transposed coordinates gives exactly torch's middle values.
+
+    Small integer factors (never zero, so no signed zeros) make many coordinates tie; slices of
+    7 coordinates and blocks of 3 rows split rows and modules at odd places.
+    """
+    monkeypatch.setattr(baselines, "COORDINATES_PER_SLICE", 7)
+    generator = torch.Generator().manual_seed(9)
+    values = torch.tensor([-2.0, -1.0, 1.0, 2.0])
+
+    def draw(*shape):
+        return values[torch.randint(0, 4, shape, generator=generator)]
+
+    updates = [
+        {n: (draw(d_out, 2), draw(2, d_in)) for n, (d_out, d_in) in MODULES.items()}
+        for _ in range(num_clients)
+    ]
+    updates[3] = updates[1]
+    result = median(updates, chunk_elements=3 * num_clients * 7)
+    for name in MODULES:
+        stacked = torch.stack([b @ a for b, a in (u[name] for u in updates)])
+        lower = stacked.median(dim=0).values  # torch.median: the lower of two middle values
+        upper = -(-stacked).median(dim=0).values
+        expected = (lower + upper) / 2
+        received = result.refined[0][name][0]
+        assert torch.equal(received.view(torch.int32), expected.view(torch.int32))
+        assert ((stacked == lower).sum(dim=0) > 1).float().mean() > 0.5  # ties at the median
 
 
 @pytest.mark.parametrize(("trim_fraction", "cut"), [(0.2, 1), (0.0, 0), (0.3, 2), (0.45, 3)])
-def test_trimmed_mean_drops_the_extremes_per_coordinate(trim_fraction, cut):
+def test_trimmed_mean_drops_the_extremes_per_coordinate(trim_fraction, cut, monkeypatch):
+    monkeypatch.setattr(baselines, "COORDINATES_PER_SLICE", 4)
     updates = _random_updates(7, seed=4)
     expected = {}
     for name, (d_out, d_in) in MODULES.items():

@@ -10,7 +10,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,6 +26,10 @@ from .updates import (
 )
 
 Weights = Sequence[float] | Tensor | None
+
+# Coordinates sorted at a time by the coordinate-wise rules: 4096 x 64 clients is 1 MiB in
+# float32, within a core's L2 cache with the block slice it is copied from.
+COORDINATES_PER_SLICE = 4096
 
 
 def local(
@@ -171,9 +174,8 @@ def trimmed_mean(
     validated = validate_updates(updates, weights, nonfinite=nonfinite)
     cut = int(trim_fraction * len(validated.included))
 
-    def trimmed(products: Tensor) -> Tensor:
-        ordered = products.sort(dim=0).values
-        return ordered[cut : products.shape[0] - cut].mean(dim=0)
+    def trimmed(ordered: Tensor) -> Tensor:
+        return ordered[:, cut : ordered.shape[1] - cut].mean(dim=1)
 
     result = _coordinatewise(validated, trimmed, chunk_elements)
     result.diagnostics["trimmed_per_side"] = cut
@@ -298,36 +300,53 @@ def geomedian(
 def _coordinatewise(
     validated: ValidatedUpdates, reduce: Callable[[Tensor], Tensor], chunk_elements: int
 ) -> AggregationResult:
-    """Reduce the included clients' dense products over clients, a block of rows at a time."""
+    """Reduce the included clients' sorted values per coordinate, a block of rows at a time.
+
+    ``reduce`` maps ``(coordinates, K)`` rows, each coordinate's client values in ascending
+    order, to one value per coordinate. Within a block the coordinates go in slices whose values
+    are transposed into a small buffer (so each coordinate's K values are contiguous) and sorted
+    there, while the slice is still in cache: on the CPU numpy's vectorised sort of short rows is
+    about 13x faster than selecting along the clients in place (``benchmarks/median_speed.py``).
+    """
     clients = validated.included
     squared = torch.zeros(len(clients), dtype=torch.float64, device=validated.device)
+    by_coordinate = torch.empty(
+        COORDINATES_PER_SLICE, len(clients), dtype=validated.dtype, device=validated.device
+    )
     aggregate: ClientUpdate = {}
     for name in validated.module_names:
         d_out, d_in = validated.shapes[name]
         dense = torch.empty(d_out, d_in, dtype=validated.dtype, device=validated.device)
+        flat = dense.view(-1)
         factors = [validated.updates[k][name] for k in clients]
         for rows, products in product_row_blocks(factors, chunk_elements):
-            dense[rows] = reduce(products)
-            squared += products.sub_(dense[rows]).square_().sum(dim=(1, 2)).to(torch.float64)
+            values = products.reshape(len(clients), -1)
+            offset = rows.start * d_in
+            for start in range(0, values.shape[1], COORDINATES_PER_SLICE):
+                block = values[:, start : start + COORDINATES_PER_SLICE]
+                ordered = by_coordinate[: block.shape[1]]
+                ordered.copy_(block.T)
+                reduced = flat[offset + start : offset + start + block.shape[1]]
+                reduced.copy_(reduce(_sort_rows_(ordered)))
+                squared += block.sub(reduced).square_().sum(dim=1).to(torch.float64)
         identity = torch.eye(d_in, dtype=validated.dtype, device=validated.device)
         aggregate[name] = (dense, identity)
     return _global_result(validated, aggregate, scores=_relative_to_median(squared.sqrt()))
 
 
-def _middle_value(products: Tensor) -> Tensor:
-    """Median over the first dimension; the mean of the two middle values for an even count.
+def _sort_rows_(values: Tensor) -> Tensor:
+    """Sort each row of ``values`` in place (numpy's SIMD sort on the CPU) and return it."""
+    if values.device.type == "cpu":
+        values.numpy().sort(axis=1)
+    else:
+        values.copy_(values.sort(dim=1).values)
+    return values
 
-    On the CPU the two middle order statistics come from one ``numpy.partition`` (selection,
-    linear in the client count) instead of a full sort along the clients: the same values,
-    measured 5x faster at K = 64 (``benchmarks/median_speed.py``).
-    """
-    count = products.shape[0]
-    lower, upper = (count - 1) // 2, count // 2
-    if products.device.type == "cpu":
-        middle = np.partition(products.numpy(), [lower, upper], axis=0)
-        return (torch.from_numpy(middle[lower]) + torch.from_numpy(middle[upper])) / 2
-    ordered = products.sort(dim=0).values
-    return (ordered[lower] + ordered[upper]) / 2
+
+def _middle_value(ordered: Tensor) -> Tensor:
+    """Median of each sorted row; the mean of the two middle values for an even count."""
+    count = ordered.shape[1]
+    return (ordered[:, (count - 1) // 2] + ordered[:, count // 2]) / 2
 
 
 def _krum_scores(
