@@ -245,3 +245,87 @@ def test_flower_simulation_repeats_the_lightning_path_through_clair_compare(tmp_
     clair = next(c for c in flower["cells"] if c["cell"]["aggregator"] == "clair")
     contaminated = [c["client"] for c in clair["rounds"][0]["clients"] if c["contaminated"]]
     assert all(clair["rounds"][0]["clients"][k]["flag"] for k in contaminated)
+
+
+# --- a stopped server resumes -------------------------------------------------------------------
+
+
+def test_resume_refuses_a_missing_or_foreign_state(tmp_path):
+    from clair_lightning.flower.server_state import STATE
+
+    settings = RunSettings.from_file(SMOKE, output_dir=str(tmp_path), simulation=True, resume=True)
+    with pytest.raises(ValueError, match="nothing to resume: .*server_state.pt does not exist"):
+        prepare(settings)
+    experiment = Experiment.load(settings)
+    strategy = ClairStrategy(experiment, experiment.client_module().update(), experiment.run_dir())
+    strategy.save_state(1)
+    assert prepare(settings)[1] == experiment.run_dir()
+    other = RunSettings.from_file(
+        SMOKE, ["--data.init_args.local_steps=4"], output_dir=str(tmp_path), resume=True
+    )
+    with pytest.raises(ValueError, match="started with another config or overrides"):
+        prepare(other)
+    (experiment.run_dir() / STATE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot resume from .*server_state.pt"):
+        prepare(settings)
+
+
+def test_a_simulation_killed_after_round_two_resumes_at_round_three(tmp_path):
+    """SIGKILL the whole `clair flower simulate` process group once round 2 is saved; the same
+    command with --resume trains only the rounds after the last saved one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clair_lightning.flower.server_state import STATE
+    from clair_lightning.flower.simulation import simulate
+
+    rounds = ["--trainer.max_epochs=5"]
+    command = [sys.executable, "-c", "from clair_lightning.cli import main; main()"]
+    command += ["flower", "simulate", "--config", str(SMOKE), "--output-dir", str(tmp_path)]
+    killed = subprocess.Popen(
+        [*command, *rounds],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # Ray's processes too
+    )
+    experiment = Experiment.load(RunSettings.from_file(SMOKE, rounds, output_dir=str(tmp_path)))
+    state = experiment.run_dir() / STATE
+    deadline = time.monotonic() + 400
+    while not state.exists() or torch.load(state, weights_only=False)["completed_rounds"] < 2:
+        if killed.poll() is not None or time.monotonic() > deadline:
+            os.killpg(killed.pid, signal.SIGKILL)
+            raise AssertionError(f"round 2 was never saved: {killed.communicate()[1][-3000:]}")
+        time.sleep(0.1)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    saved = torch.load(state, weights_only=False)["completed_rounds"]
+    assert 2 <= saved < 5
+
+    run_dir = simulate(SMOKE, overrides=rounds, output_dir=str(tmp_path), resume=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5]
+    # The mechanism: the killed process trained rounds 1..saved, this one only the rest.
+    assert [r["session"] for r in summary["rounds"]] == [0] * saved + [1] * (5 - saved)
+    assert summary["sessions"] == [
+        {"after_round": 0, "pid": killed.pid},
+        {"after_round": saved, "pid": os.getpid()},
+    ]
+    # Rounds of the killed session are those of an uninterrupted run (the Lightning path, which
+    # Flower repeats exactly); later rounds restart the clients' AdamW moments, so only the
+    # contaminated client's flag is asserted there.
+    from clair_lightning.cli import run
+
+    straight = run(SMOKE, [*rounds, "--run.output_dir", str(tmp_path / "straight")])
+    reference = json.loads((straight / "summary.json").read_text())["rounds"]
+    contaminated = [k for k, truth in enumerate(summary["data"]["contaminated"]) if truth]
+    for ours, theirs in zip(summary["rounds"], reference, strict=True):
+        flags = [c["flag"] for c in ours["clients"]]
+        if ours["round"] <= saved:
+            assert flags == [c["flag"] for c in theirs["clients"]]
+            for a, b in zip(ours["clients"], theirs["clients"], strict=True):
+                assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-6)
+        assert all(flags[k] for k in contaminated)
+    assert torch.load(state, weights_only=False)["completed_rounds"] == 5

@@ -1,6 +1,7 @@
 """``clair flower``: run a recipe's config on Flower.
 
     clair flower simulate --config configs/text_copy.yaml --num-supernodes 10
+    clair flower simulate --config configs/text_copy.yaml --num-supernodes 10 --resume
     clair flower app --config configs/text_copy.yaml --output flower_app --output-dir "$PWD/runs"
     flwr run flower_app my-superlink --stream
 
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument(
             "--round-timeout", type=float, default=600.0, help="seconds a round waits for replies"
         )
+        command.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in the run folder after its last finished round",
+        )
     simulate.add_argument(
         "--num-supernodes", type=int, default=None, help="clients (default: the config's)"
     )
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     min_clients=args.min_clients,
                     round_timeout=args.round_timeout,
                     cpus_per_client=args.cpus_per_client,
+                    resume=args.resume,
                 )
             except FederationError as error:
                 raise ValueError(str(error)) from None
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_clients=args.min_clients,
                 round_timeout=args.round_timeout,
                 node_wait=args.node_wait,
+                resume=args.resume,
             )
             Experiment.load(settings)  # a bad config fails here, not on the SuperLink
             print(f"Flower App written to {write_app(args.output, settings)}")

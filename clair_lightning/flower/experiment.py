@@ -31,6 +31,7 @@ RUN_CONFIG_KEYS = (
     "min-clients",
     "round-timeout",
     "node-wait",
+    "resume",
 )
 
 
@@ -38,6 +39,7 @@ RUN_CONFIG_KEYS = (
 class RunSettings:
     """What one Flower run executes and how patiently the server waits for clients.
 
+    ``resume`` continues the run in the run folder after its last finished round.
     ``simulation`` is the simulation-only setting under which clients report whether they are
     contaminated (the ground truth); a real deployment leaves it off. ``min_clients`` = 0 means
     a majority of the clients sampled per round
@@ -52,6 +54,7 @@ class RunSettings:
     min_clients: int = 0
     round_timeout: float = 600.0
     node_wait: float = 120.0
+    resume: bool = False
 
     @classmethod
     def from_file(cls, config: str | Path, overrides=(), **settings: Any) -> RunSettings:
@@ -80,6 +83,7 @@ class RunSettings:
             min_clients=int(run_config.get("min-clients", 0)),
             round_timeout=float(run_config.get("round-timeout", 600.0)),
             node_wait=float(run_config.get("node-wait", 120.0)),
+            resume=bool(run_config.get("resume", False)),
         )
 
     def as_run_config(self) -> dict[str, Any]:
@@ -92,6 +96,7 @@ class RunSettings:
             "min-clients": self.min_clients,
             "round-timeout": self.round_timeout,
             "node-wait": self.node_wait,
+            "resume": self.resume,
         }
 
 

@@ -1,7 +1,8 @@
 """The ServerApp: read the experiment, build the initial adapter, run ``ClairStrategy``.
 
-The run folder (``summary.json``, ``config.yaml``, the W&B run) is on the server's machine,
-under the config's ``run.output_dir`` or the run config's ``output-dir``.
+The run folder (``summary.json``, ``config.yaml``, ``checkpoints/server_state.pt``, the W&B run)
+is on the server's machine, under the config's ``run.output_dir`` or the run config's
+``output-dir``. With ``resume`` the server continues that run after its last finished round.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..core.aggregators import NEEDS_TRUTH
 from ..rounds import SUMMARY
 from .experiment import Experiment, RunSettings
 from .messages import encode_update
+from .server_state import STATE, load_state
 from .strategy import ClairStrategy
 
 log = logging.getLogger("flwr.clair_lightning")
@@ -42,11 +44,13 @@ def prepare(settings: RunSettings) -> tuple[Experiment, Path]:
     if not settings.simulation and name in NEEDS_TRUTH:
         raise ValueError(f"aggregator {name!r} needs the ground truth, which only simulation has")
     run_dir = experiment.run_dir()
-    if (run_dir / SUMMARY).exists():
+    if settings.resume:
+        load_state(run_dir, settings.config_yaml, settings.overrides)  # one clear error now
+    elif (run_dir / SUMMARY).exists():
         if not experiment.config.run.overwrite:
             raise ValueError(
-                f"run folder {run_dir} already holds a run; choose another --run.name or pass "
-                "--run.overwrite true"
+                f"run folder {run_dir} already holds a run; --resume continues it, another "
+                "--run.name or --run.overwrite true starts afresh"
             )
         shutil.rmtree(run_dir)
     return experiment, run_dir
@@ -60,10 +64,22 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
             "update-level contamination %r is a simulation device; a deployment does not apply it",
             experiment.datamodule.contamination,
         )
+    resumed = None
+    if settings.resume:
+        resumed = load_state(run_dir, settings.config_yaml, settings.overrides)
+        if resumed.completed_rounds >= experiment.rounds:
+            log.info("the run in %s has finished all %d rounds", run_dir, experiment.rounds)
+            return run_dir
+        log.info(
+            "resuming after round %d of %d from %s",
+            resumed.completed_rounds,
+            experiment.rounds,
+            run_dir / STATE,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(settings.config_yaml)
     initial = experiment.client_module().update()
-    strategy = ClairStrategy(experiment, initial, run_dir)
+    strategy = ClairStrategy(experiment, initial, run_dir, resumed)
     os.environ.setdefault("WANDB_MODE", "offline")
     strategy.wandb_run = wandb.init(
         project=experiment.config.run.wandb_project,
@@ -76,7 +92,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         strategy.start(
             grid,
             encode_update(initial),
-            num_rounds=experiment.rounds,
+            num_rounds=experiment.rounds - strategy.completed_rounds,
             timeout=settings.round_timeout,
         )
     finally:

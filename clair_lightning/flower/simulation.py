@@ -24,8 +24,11 @@ def simulate(
     min_clients: int = 0,
     round_timeout: float = 600.0,
     cpus_per_client: float = 1.0,
+    resume: bool = False,
 ) -> Path:
-    """Run ``config`` with one simulated SuperNode per client; returns the run folder."""
+    """Run ``config`` with one simulated SuperNode per client; returns the run folder.
+
+    ``resume`` continues the run in the run folder after its last finished round."""
     overrides = list(overrides)
     if num_supernodes is not None:
         overrides.append(f"--data.init_args.num_clients={num_supernodes}")
@@ -37,6 +40,7 @@ def simulate(
         min_clients=min_clients,
         round_timeout=round_timeout,
         node_wait=60.0,
+        resume=resume,
     )
     from .server_app import prepare
 

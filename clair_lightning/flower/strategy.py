@@ -54,6 +54,7 @@ from .messages import (
     shapes_of,
     train_reply,
 )
+from .server_state import ServerState, save_state
 
 log = logging.getLogger("flwr.clair_lightning")
 NO_TRUTH = "not available: a real deployment has no ground truth, so no detection metrics"
@@ -66,7 +67,13 @@ class FederationError(RuntimeError):
 class ClairStrategy(Strategy):
     """Per-client refined adapters, aggregated by ``experiment``'s aggregator every round."""
 
-    def __init__(self, experiment: Experiment, initial_adapter: ClientUpdate, run_dir: Path):
+    def __init__(
+        self,
+        experiment: Experiment,
+        initial_adapter: ClientUpdate,
+        run_dir: Path,
+        resumed: ServerState | None = None,
+    ):
         self.experiment = experiment
         self.settings = experiment.settings
         self.datamodule = experiment.datamodule  # its truth mask is used only in simulation
@@ -88,6 +95,11 @@ class ClairStrategy(Strategy):
         self.generator = torch.Generator().manual_seed(experiment.aggregation.seed)
         self.started = time.perf_counter()
         self.wandb_run = None
+        self.completed_rounds = 0  # rounds of earlier sessions: Flower counts this session's
+        self.sessions = [{"after_round": 0, "pid": os.getpid()}]
+        self.earlier_seconds = 0.0
+        if resumed is not None:
+            self._restore(resumed)
         self._sent: list[tuple[Message, int]] = []
         self._trained: dict[int, ClientUpdate] = {}
         self._missing: dict[int, str] = {}
@@ -100,6 +112,7 @@ class ClairStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.completed_rounds
         self._missing = {}
         started = time.perf_counter()
         online = self._identify(grid, self._wait_for_nodes(grid, server_round), server_round)
@@ -122,6 +135,7 @@ class ClairStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.completed_rounds
         trained, weights = {}, {}
         for partition, reply in self._replies(replies, server_round):
             try:
@@ -187,6 +201,7 @@ class ClairStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.completed_rounds
         self._phase_started = time.perf_counter()
         nodes = {partition: node for node, partition in self.nodes.items()}
         self._sent = [
@@ -199,6 +214,7 @@ class ClairStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.completed_rounds
         client_metrics: list[dict] = [{} for _ in range(self.num_clients)]
         for partition, reply in self._replies(replies, server_round):
             try:
@@ -212,10 +228,11 @@ class ClairStrategy(Strategy):
         )
         self._pending["evaluate_seconds"] = time.perf_counter() - self._phase_started
         record = round_record(self._pending, truth, client_metrics, self._missing)
-        record["session"] = 0
+        record["session"] = len(self.sessions) - 1
         self.records.append(record)
         self._log_round(record)
         self.write_summary()
+        self.save_state(server_round)
         return MetricRecord({"clients": sum(bool(m) for m in client_metrics)})
 
     def summary(self) -> None:
@@ -234,7 +251,8 @@ class ClairStrategy(Strategy):
     def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """Online node ids: all partitions' worth in round 1 (or until ``node_wait`` passes),
         at least ``min_clients`` later; never an unbounded wait."""
-        wanted = self.num_clients if server_round == 1 else self.min_clients
+        first = server_round == self.completed_rounds + 1  # this session's first round
+        wanted = self.num_clients if first else self.min_clients
         deadline = time.monotonic() + self.settings.node_wait
         while True:
             online = list(grid.get_node_ids())
@@ -379,11 +397,44 @@ class ClairStrategy(Strategy):
                 "options": self.experiment.aggregation_options,
             },
             data,
-            time.perf_counter() - self.started,
+            self.earlier_seconds + time.perf_counter() - self.started,
             self.records,
             task_metric=datamodule.TASK_METRIC,
-            sessions=[{"after_round": 0, "pid": os.getpid()}],  # a Flower run does not resume
+            sessions=self.sessions,
             engine=engine,
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / SUMMARY, summary)
+
+    # --- resume -----------------------------------------------------------------------------------
+
+    def save_state(self, server_round: int) -> None:
+        save_state(
+            self.run_dir,
+            ServerState(
+                config_yaml=self.settings.config_yaml,
+                overrides=tuple(self.settings.overrides),
+                completed_rounds=server_round,
+                adapters=self.adapters,
+                records=self.records,
+                truth=self.truth,
+                train_sizes=self.train_sizes,
+                generator=self.generator.get_state(),
+                sessions=self.sessions,
+                elapsed_seconds=self.earlier_seconds + time.perf_counter() - self.started,
+            ),
+        )
+
+    def _restore(self, state: ServerState) -> None:
+        """Continue after ``state.completed_rounds``: the same adapters, records and generator."""
+        self.completed_rounds = state.completed_rounds
+        self.adapters = dict(state.adapters)
+        self.records = list(state.records)
+        self.truth = dict(state.truth)
+        self.train_sizes = dict(state.train_sizes)
+        self.generator.set_state(state.generator)
+        self.sessions = [
+            *state.sessions,
+            {"after_round": state.completed_rounds, "pid": os.getpid()},
+        ]
+        self.earlier_seconds = state.elapsed_seconds
