@@ -1,14 +1,17 @@
 """One round of the Lightning federation: aggregation + write-back against training, and memory.
 
-    python benchmarks/federation_speed.py           # K = 64 and K = 2, hidden-256 4-layer Llama
-    python benchmarks/federation_speed.py --quick   # K = 8 and K = 2
+    python benchmarks/federation_speed.py           # K = 64, K = 2 and K = 1, hidden-256 Llama
+    python benchmarks/federation_speed.py --quick   # K = 8, K = 2 and K = 1
 
 The benchmark model of the speed issue: a randomly initialised Llama (hidden 256, 4 layers,
 4 heads), LoRA r = 8 on q and v (8 modules), the text-copy data (10 local steps of 16
 examples per client and round), CLAIR with 30% reversed-target clients. Each K runs one round
 in a fresh process; training time runs from the epoch's start to the end of its last batch,
 aggregation and write-back are the callback's own timings, peak memory is ``ru_maxrss``.
-K = 1 is not a federation (the module refuses it), so the memory baseline is K = 2.
+K = 1 is not a federation (the module refuses it): it is one ``ClientLoRAModule`` (same base,
+LoRA settings, learning rate and clipping) trained on the very batches client 0 trains in the
+federation's first round and validated on client 0's validation data, the run a user makes to
+fine-tune one adapter alone.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 
 from clair_lightning.callbacks.aggregation import FederatedAggregation
-from clair_lightning.federation import ConfigBase, FederatedLoRAModule
+from clair_lightning.federation import ClientLoRAModule, ConfigBase, FederatedLoRAModule
 from clair_lightning.recipes.text_copy import TextCopyDataModule
 from clair_lightning.recipes.text_copy.vocabulary import vocabulary_size
 
@@ -62,17 +65,20 @@ class TrainingTimer(pl.Callback):
             self.peak_before_aggregation_mib = peak_rss_mib()
 
 
-def child(num_clients: int) -> dict:
-    pl.seed_everything(0, verbose=False)
-    module = FederatedLoRAModule(
-        ConfigBase(LLAMA),
-        num_clients=num_clients,
-        lora_rank=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
-        learning_rate=0.003,
-    )
-    data = TextCopyDataModule(
+LORA = {"lora_rank": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+LEARNING_RATE = 0.003
+TRAINER = {
+    "max_epochs": 1,
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+def text_copy_data(num_clients: int) -> TextCopyDataModule:
+    return TextCopyDataModule(
         num_clients=num_clients,
         contaminated_fraction=0.3,
         contamination="reversed_targets",
@@ -84,18 +90,43 @@ def child(num_clients: int) -> dict:
         val_examples=32,
         test_examples=32,
     )
-    timer, aggregation = TrainingTimer(), FederatedAggregation("clair")
+
+
+def one_adapter_child() -> dict:
+    """K = 1: one adapter trained alone on client 0's batches of the federation's round 1."""
+    pl.seed_everything(0, verbose=False)
+    module = ClientLoRAModule(ConfigBase(LLAMA), **LORA, learning_rate=LEARNING_RATE)
+    data = text_copy_data(2)
+    timer = TrainingTimer()
     with tempfile.TemporaryDirectory() as directory:
         trainer = pl.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=directory,
-            callbacks=[timer, aggregation],
+            **TRAINER, gradient_clip_val=1.0, default_root_dir=directory, callbacks=[timer]
         )
+        trainer.fit(
+            module,
+            train_dataloaders=data.client_round_dataloader(0, 0),
+            val_dataloaders=data.client_dataloader(0, "val", batch_size=data.eval_batch_size),
+        )
+    return {
+        "K": 1,
+        "threads": torch.get_num_threads(),
+        "training": timer.seconds,
+        "peak_before_aggregation_mib": timer.peak_before_aggregation_mib,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def child(num_clients: int) -> dict:
+    if num_clients == 1:
+        return one_adapter_child()
+    pl.seed_everything(0, verbose=False)
+    module = FederatedLoRAModule(
+        ConfigBase(LLAMA), num_clients=num_clients, **LORA, learning_rate=LEARNING_RATE
+    )
+    data = text_copy_data(num_clients)
+    timer, aggregation = TrainingTimer(), FederatedAggregation("clair")
+    with tempfile.TemporaryDirectory() as directory:
+        trainer = pl.Trainer(**TRAINER, default_root_dir=directory, callbacks=[timer, aggregation])
         trainer.fit(module, datamodule=data)
     record = aggregation.records[0]
     return {
@@ -120,7 +151,7 @@ def main() -> None:
         print(json.dumps(child(args.child)))
         return
     runs = []
-    for num_clients in (8 if args.quick else 64, 2):
+    for num_clients in (8 if args.quick else 64, 2, 1):
         command = [sys.executable, __file__, "--child", str(num_clients)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(output.strip().splitlines()[-1]))
@@ -130,6 +161,12 @@ def main() -> None:
         "|---|---|---|---|---|---|---|"
     )
     for m in runs:
+        if m["K"] == 1:
+            print(
+                f"| 1 (one adapter alone) | {m['training']:.1f} | – | – | – | "
+                f"{m['peak_before_aggregation_mib']:.0f}, {m['peak_rss_mib']:.0f} | – |"
+            )
+            continue
         share = (m["aggregation"] + m["write_back"]) / m["training"]
         print(
             f"| {m['K']} | {m['training']:.1f} | {m['aggregation']:.2f} | {m['write_back']:.2f} | "
@@ -137,9 +174,12 @@ def main() -> None:
             f"{m['flagged']} of {m['K']} "
             f"({m['contaminated']} contaminated) |"
         )
-    ratio = runs[0]["peak_rss_mib"] / runs[1]["peak_rss_mib"]
+    largest, pair, alone = runs
     print(
-        f"\npeak memory K = {runs[0]['K']} / K = 2: **{ratio:.2f}** ({runs[0]['threads']} threads)"
+        f"\npeak memory K = {largest['K']} / K = 1: "
+        f"**{largest['peak_rss_mib'] / alone['peak_rss_mib']:.2f}** (goal <= 1.5), "
+        f"K = {largest['K']} / K = 2: {largest['peak_rss_mib'] / pair['peak_rss_mib']:.2f} "
+        f"({largest['threads']} threads)"
     )
 
 

@@ -121,6 +121,35 @@ def test_clients_share_one_base_and_32_clients_fit_beside_it():
     assert per_client < 0.1 * base_size  # each client adds a small adapter, never a base copy
 
 
+def test_each_client_step_trains_its_adapter_and_releases_its_gradients():
+    """Gradients live only within a step: kept, 64 clients' gradients fragment the heap."""
+    import lightning.pytorch as pl
+
+    module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=3, lora_rank=2)
+    data = TextCopyDataModule(num_clients=3, local_steps=2, batch_size=4, train_examples=8)
+    start = [read_update(module.model, f"client_{k}") for k in range(3)]
+    holding = []
+
+    class GradientProbe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            lora = [p for n, p in pl_module.model.named_parameters() if "lora_" in n]
+            holding.append(sum(p.grad is not None for p in lora))
+
+    pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[GradientProbe()],
+    ).fit(module, datamodule=data)
+    assert holding == [0] * 6  # 3 clients x 2 local steps, none left holding a gradient
+    for k in range(3):
+        for name, (b, _) in read_update(module.model, f"client_{k}").items():
+            assert not torch.equal(b, start[k][name][0])  # B starts at zero and was trained
+
+
 def test_clients_start_from_the_same_adapter():
     module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=3, lora_rank=2)
     first = read_update(module.model, "client_0")
