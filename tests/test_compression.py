@@ -4,8 +4,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clair_lightning.core.compression import StackingCore, compress_module, stacking_core
-from clair_lightning.core.decomposition import block_outlier_pursuit
+from clair_lightning.core.compression import (
+    StackingCore,
+    compress_module,
+    stacking_core,
+    stacking_gram,
+)
+from clair_lightning.core.decomposition import _pooled_block_norms, block_outlier_pursuit
+from clair_lightning.core.gram import compressed_product_gram, product_gram, squared_distances
 from clair_lightning.core.updates import validate_updates
 
 
@@ -114,3 +120,86 @@ def test_rank_deficient_noiseless_stacking_uses_a_smaller_core():
     validated = validate_updates(updates)
     core = stacking_core(compress_module(validated, "m", validated.included))
     assert core.matrix.shape == (2, 15)
+
+
+@settings(max_examples=60, deadline=None)
+@given(federations(), st.booleans())
+def test_product_gram_from_the_compression_equals_the_factors_gram(updates, repeat_a_row):
+    """The collusion check's Gram, formed from the core's stacking Gram, is the exact one."""
+    if repeat_a_row:  # rank-deficient A: the compression takes a QR instead of Cholesky-QR
+        b, a = updates[0]["m"]
+        updates[0]["m"] = (b, torch.cat([a[:1], a[:1], a[2:]]) if len(a) > 1 else a)
+    updates.append({"m": tuple(t.clone() for t in updates[-1]["m"])})  # an exact copy
+    validated = validate_updates(updates)
+    module = compress_module(validated, "m", validated.included)
+    compressed = compressed_product_gram(validated, module, stacking_gram(module))
+    expected = product_gram(validated)
+    scale = float(expected.diagonal().max())
+    torch.testing.assert_close(compressed, expected, atol=1e-9 * scale, rtol=1e-7)
+    if stacking_gram(module) is not None:
+        distance = squared_distances(compressed)[-1, -2]
+        assert float(distance) <= 1e-12 * scale
+
+
+def test_stacking_is_applied_from_the_factors():
+    generator = torch.Generator().manual_seed(1)
+    updates = [
+        {"m": (torch.randn(40, r, generator=generator), torch.randn(r, 30, generator=generator))}
+        for r in (2, 5, 3)
+    ]
+    validated = validate_updates(updates)
+    module = compress_module(validated, "m", validated.included)
+    vectors = torch.randn(module.block_owner.numel(), 4, generator=generator)
+    torch.testing.assert_close(module.stacked_times(vectors), module.stacked @ vectors)
+
+
+def _textbook_inexact_alm(cores, owners, num_clients, lam, spectral, iterations):
+    """The inexact ALM written plainly, all modules at once (what the per-module loop equals)."""
+    norms = _pooled_block_norms(cores, owners, num_clients)
+    duals = [core / max(spectral, float(norms.max()) / lam) for core in cores]
+    penalty = 1.25 / spectral
+    sparse = [torch.zeros_like(core) for core in cores]
+    for _ in range(iterations):
+        low_rank = []
+        for core, y, c in zip(cores, duals, sparse, strict=True):
+            u, s, vh = torch.linalg.svd(core + y / penalty - c, full_matrices=False)
+            low_rank.append((u * (s - 1 / penalty).clamp_min(0)) @ vh)
+        targets = [
+            core - low + y / penalty for core, low, y in zip(cores, low_rank, duals, strict=True)
+        ]
+        target_norms = _pooled_block_norms(targets, owners, num_clients)
+        tau = lam / penalty
+        factors = torch.where(target_norms > tau, 1 - tau / target_norms.clamp_min(1e-30), 0.0)
+        sparse = [t * factors[owner] for t, owner in zip(targets, owners, strict=True)]
+        duals = [
+            y + penalty * (core - low - c)
+            for core, low, c, y in zip(cores, low_rank, sparse, duals, strict=True)
+        ]
+        penalty *= 1.5
+    return low_rank, sparse
+
+
+def test_inexact_alm_equals_the_textbook_iteration():
+    generator = torch.Generator().manual_seed(2)
+    shared = torch.randn(50, 3, generator=generator, dtype=torch.float64)
+    updates = [
+        {
+            name: (
+                (shared if k > 1 else torch.randn(50, 3, generator=generator, dtype=torch.float64))
+                @ torch.randn(3, 4, generator=generator, dtype=torch.float64),
+                torch.randn(4, 30, generator=generator, dtype=torch.float64),
+            )
+            for name in ("m1", "m2")
+        }
+        for k in range(8)
+    ]
+    validated = validate_updates(updates)
+    modules = [compress_module(validated, name, validated.included) for name in ("m1", "m2")]
+    cores = [stacking_core(module) for module in modules]
+    owners = [module.block_owner for module in modules]
+    result = block_outlier_pursuit(cores, owners, 8, svd="full", max_iterations=6, tolerance=0)
+    matrices = [core.matrix for core in cores]
+    spectral = max(core.spectral_norm for core in cores)
+    low_rank, sparse = _textbook_inexact_alm(matrices, owners, 8, result.lam, spectral, 6)
+    for got, expected in zip(result.low_rank + result.sparse, low_rank + sparse, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)

@@ -19,11 +19,12 @@ from .compression import (
     compress_module,
     numerical_floor,
     stacking_core,
+    stacking_gram,
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
 from .detection import centre_distance, direction_distance, near_duplicate_groups, robust_z
 from .factors import Split
-from .gram import product_gram
+from .gram import compressed_product_gram
 from .refinement import ModuleRefinement, consensus, module_refinement, refine, refined_at_rank
 from .result import AggregationResult, AtRank, RefinedUpdates, at_rank
 from .subspace import RankRule, choose_rank, leading_left_singular
@@ -117,10 +118,7 @@ def clair_aggregate(
     generator = torch.Generator(device=validated.device).manual_seed(seed)
     timer.lap("validate")
 
-    modules = [compress_module(validated, name, clients) for name in validated.module_names]
-    timer.lap("compress")
-    cores = [stacking_core(module) for module in modules]
-    timer.lap("core")
+    modules, cores, products = _compress_all(validated, clients, "collusion" in checks, timer)
     decomposition = block_outlier_pursuit(
         cores,
         [module.block_owner for module in modules],
@@ -135,9 +133,8 @@ def clair_aggregate(
     timer.lap("decompose")
 
     everyone = torch.ones(len(clients), dtype=torch.bool, device=validated.device)
-    products, closeness_z, groups = None, torch.zeros(len(clients), dtype=torch.float64), []
-    if "collusion" in checks:
-        products = _scaled_product_gram(validated, modules)
+    closeness_z, groups = torch.zeros(len(clients), dtype=torch.float64), []
+    if products is not None:
         closeness_z, groups = near_duplicate_groups(products, threshold, collusion_floor)
     independent = _one_per_group(everyone, groups)
     timer.lap("collusion_groups")
@@ -321,7 +318,7 @@ class _SubspaceEstimator:
         ):
             columns = members[module.block_owner]
             weighted = core.matrix[:, columns] * scale[columns]
-            d_out = module.stacked.shape[0]
+            d_out = module.d_out
             cap = self._max_rank
             if cap is None:
                 largest_block = max(block.stop - block.start for block in module.blocks)
@@ -352,7 +349,7 @@ class _SubspaceEstimator:
         index = members.nonzero().flatten()
         for module, core, basis in zip(self._modules, self._cores, core_bases, strict=True):
             coefficients = basis.T @ core.matrix
-            free_directions = max(module.stacked.shape[0] - basis.shape[1], 1)
+            free_directions = max(module.d_out - basis.shape[1], 1)
             relative_floor = numerical_floor(core.matrix.dtype) ** 2
             projectors = []
             for position in index.tolist():
@@ -418,11 +415,33 @@ def _settle_off_subspace_flags(
         flags = settled
 
 
-def _scaled_product_gram(validated: ValidatedUpdates, modules: list[CompressedModule]) -> Tensor:
-    """Gram matrix of the exact products (from factors), each module scaled by its median client
-    norm so every module weighs alike."""
-    scales = {module.name: float(module.norms.median().clamp_min(1e-30)) for module in modules}
-    return product_gram(validated, modules[0].clients, scales)
+def _compress_all(
+    validated: ValidatedUpdates, clients: list[int], with_products: bool, timer: _StepTimer
+) -> tuple[list[CompressedModule], list[StackingCore], Tensor | None]:
+    """Compressed modules and their cores, and the Gram of the exact products if wanted.
+
+    One module at a time: its stacking and Gram live only until its core and its share of the
+    product Gram are formed. Each module's products are scaled by its median client norm so
+    every module weighs alike.
+    """
+    modules, cores = [], []
+    products = None
+    if with_products:
+        products = torch.zeros(
+            len(clients), len(clients), dtype=torch.float64, device=validated.device
+        )
+    for name in validated.module_names:
+        module = compress_module(validated, name, clients)
+        timer.lap("compress")
+        gram = stacking_gram(module)
+        cores.append(stacking_core(module, gram))
+        modules.append(module)
+        timer.lap("core")
+        if products is not None:
+            scale = float(module.norms.median().clamp_min(1e-30))
+            products += compressed_product_gram(validated, module, gram) / scale**2
+            timer.lap("collusion_groups")
+    return modules, cores, products
 
 
 def _one_per_group(clients: Tensor, groups: list[Tensor]) -> Tensor:
@@ -610,7 +629,7 @@ def _module_at_rank(
 
 
 class _StepTimer:
-    """Wall-clock seconds per CLAIR step, reported in the diagnostics."""
+    """Wall-clock seconds per CLAIR step (summed over its laps), reported in the diagnostics."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -618,5 +637,5 @@ class _StepTimer:
 
     def lap(self, step: str) -> None:
         now = time.perf_counter()
-        self.laps[step] = now - self._last
+        self.laps[step] = self.laps.get(step, 0.0) + now - self._last
         self._last = now

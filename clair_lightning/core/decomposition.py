@@ -128,35 +128,39 @@ def _inexact_alm(
     penalty = 1.25 / spectral
     max_penalty = penalty * 1e7
     data_norm = _total_norm(cores)
+    # The state is updated in place, one module at a time: only the cores, the duals and one
+    # matrix per module that holds C (between iterations) or the target Z = M − L + Y/μ
+    # (within one) are alive, plus one module's temporaries; L is not kept.
     sparse = [torch.zeros_like(core) for core in cores]
-    low_rank = sparse
     for iteration in range(1, max_iterations + 1):
-        shifted = [
-            torch.add(core, y, alpha=1.0 / penalty) for core, y in zip(cores, duals, strict=True)
-        ]
-        low_rank = [
-            solver.threshold(m, torch.sub(w, c), 1.0 / penalty)
-            for m, (w, c) in enumerate(zip(shifted, sparse, strict=True))
-        ]
-        targets = [w.sub_(low) for w, low in zip(shifted, low_rank, strict=True)]
-        factors = _shrink_factors(targets, owners, num_clients, lam / penalty)
-        # With Z = M − L + Y/μ and C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ.
-        remainders = [
-            target * (1.0 - factors.to(target.dtype))[owner]
-            for target, owner in zip(targets, owners, strict=True)
-        ]
-        sparse = [target.sub_(rest) for target, rest in zip(targets, remainders, strict=True)]
-        residual = _total_norm(
-            [
-                torch.sub(rest, y, alpha=1.0 / penalty)
-                for rest, y in zip(remainders, duals, strict=True)
-            ]
-        )
-        duals = [rest.mul_(penalty) for rest in remainders]
+        for m, (core, y) in enumerate(zip(cores, duals, strict=True)):
+            shifted = torch.add(core, y, alpha=1.0 / penalty)
+            low_rank = solver.threshold(m, torch.sub(shifted, sparse[m]), 1.0 / penalty)
+            torch.sub(shifted, low_rank, out=sparse[m])
+        factors = _shrink_factors(sparse, owners, num_clients, lam / penalty)
+        # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ.
+        squared_residual = 0.0
+        for target, owner, y in zip(sparse, owners, duals, strict=True):
+            gap = _unshrunk(target, factors, owner).sub_(y, alpha=1.0 / penalty)
+            squared_residual += float(torch.linalg.vector_norm(gap)) ** 2
+        converged = float(squared_residual**0.5) <= tolerance * data_norm
+        last = converged or iteration == max_iterations
+        for core, target, owner, y in zip(cores, sparse, owners, duals, strict=True):
+            rest = _unshrunk(target, factors, owner)
+            if last:  # L = M + Y/μ − Z, in the dual's place
+                torch.add(core, y, alpha=1.0 / penalty, out=y).sub_(target)
+            else:
+                torch.mul(rest, penalty, out=y)
+            target.sub_(rest)
+        if last:
+            return duals, sparse, iteration, converged
         penalty = min(penalty * penalty_growth, max_penalty)
-        if residual <= tolerance * data_norm:
-            return low_rank, sparse, iteration, True
-    return low_rank, sparse, max_iterations, False
+    return [torch.zeros_like(core) for core in cores], sparse, max_iterations, False
+
+
+def _unshrunk(target: Tensor, factors: Tensor, owner: Tensor) -> Tensor:
+    """The part ``(1 − s) ⊙ Z`` of a target that block shrinkage leaves out of ``C``."""
+    return target * (1.0 - factors.to(target.dtype))[owner]
 
 
 def _fista(

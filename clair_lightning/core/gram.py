@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .compression import CompressedModule, _symmetric_gram, row_space_basis
 from .updates import ValidatedUpdates
 
 
@@ -25,17 +26,50 @@ def product_gram(
     clients = validated.included if clients is None else clients
     gram = torch.zeros(len(clients), len(clients), dtype=torch.float64, device=validated.device)
     for name in validated.module_names:
-        factors = [validated.updates[k][name] for k in clients]
-        b_all = torch.cat([b for b, _ in factors], dim=1)
-        a_all = torch.cat([a for _, a in factors], dim=0)
-        ranks = torch.tensor([b.shape[1] for b, _ in factors], device=validated.device)
-        owner = torch.repeat_interleave(torch.arange(len(clients), device=validated.device), ranks)
-        indicator = torch.zeros(len(clients), owner.numel(), dtype=b_all.dtype, device=b_all.device)
-        indicator[owner, torch.arange(owner.numel(), device=b_all.device)] = 1.0
-        elementwise = (b_all.T @ b_all) * (a_all @ a_all.T)
         scale = 1.0 if module_scales is None else module_scales[name] ** 2
-        gram += (indicator @ elementwise @ indicator.T).to(torch.float64) / scale
+        gram += _factors_product_gram([validated.updates[k][name] for k in clients]) / scale
     return gram
+
+
+def compressed_product_gram(
+    validated: ValidatedUpdates, module: CompressedModule, stacking_gram: Tensor | None
+) -> Tensor:
+    """One module's K' x K' Gram of products (float64), from the compression's own Gram.
+
+    With ``B_k A_k = T_k Q_kᵀ`` (``compress_module``), ``⟨B_iA_i, B_jA_j⟩ = Σ (T_iᵀT_j) ⊙
+    (Q_iᵀQ_j)``: the ``T`` Gram is the one the core was formed from (``stacking_gram``, blocks
+    at unit norm), so only the ``Q`` Gram is new work, ¾ of a GEMM instead of the two GEMMs of
+    the ``B`` and ``A`` Grams. ``stacking_gram=None`` (a short, wide stacking without a Gram)
+    takes the factors' Grams.
+    """
+    if stacking_gram is None:
+        return _factors_product_gram([validated.updates[k][module.name] for k in module.clients])
+    owner = module.block_owner
+    bases = torch.cat(
+        [
+            row_space_basis(validated.updates[k][module.name][1], factor)
+            for k, factor in zip(module.clients, module.row_factors, strict=True)
+        ]
+    )
+    unit = _blockwise_sums(stacking_gram * _symmetric_gram(bases), owner, len(module.clients))
+    norms = module.norms.to(torch.float64)
+    return unit * norms[:, None] * norms[None, :]
+
+
+def _factors_product_gram(factors: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``Σ (B_iᵀB_j) ⊙ (A_i A_jᵀ)`` for one module's factors (float64)."""
+    b_all = torch.cat([b for b, _ in factors], dim=1)
+    a_all = torch.cat([a for _, a in factors], dim=0)
+    ranks = torch.tensor([b.shape[1] for b, _ in factors], device=b_all.device)
+    owner = torch.repeat_interleave(torch.arange(len(factors), device=b_all.device), ranks)
+    return _blockwise_sums((b_all.T @ b_all) * (a_all @ a_all.T), owner, len(factors))
+
+
+def _blockwise_sums(elementwise: Tensor, owner: Tensor, count: int) -> Tensor:
+    """Sums of the client blocks of a ``Σr x Σr`` matrix: a ``K x K`` matrix (float64)."""
+    indicator = torch.zeros(count, owner.numel(), dtype=elementwise.dtype, device=owner.device)
+    indicator[owner, torch.arange(owner.numel(), device=owner.device)] = 1.0
+    return (indicator @ elementwise @ indicator.T).to(torch.float64)
 
 
 def squared_distances(gram: Tensor) -> Tensor:
