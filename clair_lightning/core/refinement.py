@@ -170,12 +170,12 @@ class _RowBasis:
         if stacked_a.shape[0] >= stacked_a.shape[1]:
             self.coordinates = stacked_a
             return
-        lower, info = torch.linalg.cholesky_ex(stacked_a @ stacked_a.T)
+        lower, info = torch.linalg.cholesky_ex(_symmetric_gram(stacked_a))
         if _well_conditioned(lower, info, 0.1):
             self.coordinates = self._lower = lower
             return
         self._stacked = stacked_a.to(torch.float64)
-        gram = self._stacked @ self._stacked.T
+        gram = _symmetric_gram(self._stacked)
         lower, info = torch.linalg.cholesky_ex(gram)
         if _well_conditioned(lower, info, 1e-6):
             self._lower = lower
