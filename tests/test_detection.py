@@ -5,6 +5,7 @@ import torch
 from clair_lightning import clair_aggregate
 from clair_lightning.core.attacks import contaminate
 from clair_lightning.core.clair import CHECKS
+from clair_lightning.core.detection import robust_z
 from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.recipes.linear_regression.data import make_federation
 
@@ -163,3 +164,20 @@ def test_a_cluster_sharing_a_direction_is_not_flagged_by_the_default_checks():
     assert not any(clair_aggregate(updates).contaminated)
     assert max(clair_aggregate(updates).score_components["support_z"]) == 0.0
     assert clair_aggregate(updates, checks=CHECKS).contaminated == cluster
+
+
+def test_a_heterogeneous_benign_client_is_not_flagged_for_its_cosine_alone():
+    """An extreme benign draw points away from the consensus (cosine z-score above the
+    threshold) but still carries its share of it, so the direction check leaves it; the same
+    client sign-flipped loses that share and is flagged."""
+    federation = synthetic_federation(
+        K, heterogeneity=0.5, noise=0.1, generator=torch.Generator().manual_seed(10)
+    )
+    result = clair_aggregate(federation.updates)
+    components = result.score_components
+    everyone = torch.ones(K, dtype=torch.bool)
+    cosine_z = robust_z(torch.tensor(components["direction_distance"]), everyone, 0.075)
+    assert cosine_z[1] > THRESHOLD and components["projection_z"][1] < THRESHOLD - 1
+    assert not any(result.contaminated)
+    flipped = contaminate(federation.updates, [k == 1 for k in range(K)], "sign_flip")
+    assert clair_aggregate(flipped).contaminated == [k == 1 for k in range(K)]

@@ -22,7 +22,7 @@ from .compression import (
     stacking_gram,
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
-from .detection import centre_distance, direction_distance, near_duplicate_groups, robust_z
+from .detection import centre_distance, direction_statistics, near_duplicate_groups, robust_z
 from .factors import Split
 from .gram import compressed_product_gram
 from .refinement import ModuleRefinement, consensus, module_refinement, refine, refined_at_rank
@@ -38,6 +38,10 @@ _MAX_DETECTION_ROUNDS = 5
 _CLEAN_SHARE = 1e-3
 _SUPPORT_FACTOR = 10.0
 _SMALLEST_MINORITY = 3
+# The direction check also needs the component along the centre to fall short: robust z above
+# threshold − 1, in units of the centre's norm with a scale of at least 0.05.
+_PROJECTION_SLACK = 1.0
+_PROJECTION_FLOOR = 0.05
 
 
 def clair_aggregate(
@@ -77,7 +81,9 @@ def clair_aggregate(
             heterogeneity, 0.72 → 0.53).
         checks: statistics that may flag: ``off_subspace`` (share of the update outside the
             shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
-            in-subspace coefficients), ``norm`` (log of the update norm, two-sided),
+            in-subspace coefficients, when the component along the centre also falls short:
+            heterogeneous benign clients point away from the centre but still carry it),
+            ``norm`` (log of the update norm, two-sided),
             ``collusion`` (a group of near-identical clients, flagged only when
             measured against everyone else it also leaves their subspace or is too typical),
             ``support`` (clients carrying a direction of the shared subspace that fewer than
@@ -152,8 +158,14 @@ def clair_aggregate(
 
     coefficient_gram, log_norm = _within_subspace_statistics(validated, modules, subspaces)
     client_weights = validated.weights[clients]
-    direction = direction_distance(coefficient_gram, reference & independent, client_weights)
-    direction_z = robust_z(direction, reference & independent, direction_floor)
+    direction, projection = direction_statistics(
+        coefficient_gram, reference & independent, client_weights
+    )
+    projection_z = robust_z(-projection, reference & independent, _PROJECTION_FLOOR)
+    direction_z = torch.minimum(
+        robust_z(direction, reference & independent, direction_floor),
+        projection_z + _PROJECTION_SLACK,
+    )
     norm_z = robust_z(log_norm, reference & independent, norm_floor)
     statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
     flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
@@ -201,6 +213,8 @@ def clair_aggregate(
         "off_subspace_z": off_z,
         "direction_distance": direction,
         "direction_z": direction_z,
+        "consensus_projection": projection,
+        "projection_z": projection_z,
         "log_relative_norm": log_norm,
         "norm_z": norm_z,
         "closeness_z": closeness_z,
