@@ -15,7 +15,7 @@ scaled to all modules. 20% of the clients send random off-subspace updates. floa
 Times are CPU seconds of the process (``time.process_time``), not wall-clock: on a machine
 shared with other jobs a process gets a varying share of the cores, and CPU time is what the
 round costs. Run with ``OMP_NUM_THREADS=1`` so CPU time is the work of one thread; the step
-timings in the comment line are wall-clock (``clair_aggregate``'s diagnostics).
+timings in the comment line are CPU seconds too (``clair_aggregate``'s diagnostics).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def child(d: int, num_clients: int, rank: int, num_modules: int, svd_samples: in
 
     svd += svd_seconds(updates, sampled[half:])
     svd_module = statistics.median(svd)
-    steps = result.diagnostics["seconds"]
+    steps = result.diagnostics["cpu_seconds"]
     return {
         "d": d,
         "K": num_clients,
@@ -163,7 +163,7 @@ def main() -> None:
         print(
             f"<!-- {measured['threads']} threads; round wall-clock {measured['wall']:.0f} s; SVD "
             f"measured on {measured['svd_measured']} "
-            f"modules; clair_aggregate steps (s): {steps}; RSS before inputs "
+            f"modules; clair_aggregate steps (CPU s): {steps}; RSS before inputs "
             f"{measured['rss_before_inputs_mib']:.0f} MiB, after "
             f"{measured['rss_after_inputs_mib']:.0f}, peak {measured['peak_rss_mib']:.0f} -->",
             flush=True,

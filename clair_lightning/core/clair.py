@@ -252,6 +252,7 @@ def clair_aggregate(
             "threshold": threshold,
             "formulation": formulation,
             "seconds": timer.laps,
+            "cpu_seconds": timer.cpu_laps,
         },
     )
 
@@ -643,13 +644,17 @@ def _module_at_rank(
 
 
 class _StepTimer:
-    """Wall-clock seconds per CLAIR step (summed over its laps), reported in the diagnostics."""
+    """Seconds per CLAIR step (summed over its laps), reported in the diagnostics: wall-clock,
+    and CPU seconds of the process (what a step costs on a machine shared with other jobs)."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
+        self.cpu_laps: dict[str, float] = {}
         self._last = time.perf_counter()
+        self._last_cpu = time.process_time()
 
     def lap(self, step: str) -> None:
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         self.laps[step] = self.laps.get(step, 0.0) + now - self._last
-        self._last = now
+        self.cpu_laps[step] = self.cpu_laps.get(step, 0.0) + now_cpu - self._last_cpu
+        self._last, self._last_cpu = now, now_cpu

@@ -241,17 +241,19 @@ def _top_eigenpairs(
         applied = diagonal[:, None] * basis + y.mT @ (y @ basis)
         ritz_values, rotation = torch.linalg.eigh(basis.mT @ applied)
         ritz_values, rotation = ritz_values.flip(-1), rotation.flip(-1)
-        basis, applied = basis @ rotation, applied @ rotation
-        residual = applied[..., :count] - basis[..., :count] * ritz_values[:, None, :count]
+        # Only the top Ritz vectors are tested and kept; the full rotation is applied only
+        # for clients that iterate again.
+        top_basis = basis @ rotation[..., :count]
+        residual = applied @ rotation[..., :count] - top_basis * ritz_values[:, None, :count]
         scale = ritz_values[:, :1].abs().clamp_min(1e-300)
         done = (torch.linalg.vector_norm(residual, dim=1) <= tolerance * scale).all(1)
         finished = pending[done]
         eigenvalues[finished] = ritz_values[done, :count]
-        eigenvectors[finished] = basis[done, :, :count]
-        pending, applied = pending[~done], applied[~done]
+        eigenvectors[finished] = top_basis[done]
+        pending = pending[~done]
         if pending.numel() == 0:
             return eigenvalues, eigenvectors
-        basis = _orthonormal_columns(applied)
+        basis = _orthonormal_columns(applied[~done] @ rotation[~done])
     dense_values, dense_vectors = _dense_top_eigenpairs(diagonal, low_rank[pending], count)
     eigenvalues[pending], eigenvectors[pending] = dense_values, dense_vectors
     return eigenvalues, eigenvectors
