@@ -7,6 +7,7 @@ attack generators) are applied to the factors a contaminated client uploads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,8 +151,13 @@ class FederatedDataModule(pl.LightningDataModule):
         return [len(c.train) for c in self._clients]
 
     def train_dataloader(self) -> DataLoader:
+        """This round's local steps; when the model steps ``client_group_size`` clients together,
+        each batch is a list of their batches for one local step."""
+        module = self.trainer.lightning_module if self.trainer else None
         return self._round_loader(
-            self._current_round, lambda round_index: self.participants(round_index + 1)
+            self._current_round,
+            lambda round_index: self.participants(round_index + 1),
+            getattr(module, "client_group_size", 1),
         )
 
     def client_round_dataloader(self, client: int, round_index: int) -> DataLoader:
@@ -159,7 +165,7 @@ class FederatedDataModule(pl.LightningDataModule):
         the very batches ``train_dataloader`` gives that client in that round."""
         return self._round_loader(lambda: round_index, [client])
 
-    def _round_loader(self, current_round, clients) -> DataLoader:
+    def _round_loader(self, current_round, clients, group_size: int = 1) -> DataLoader:
         self.setup()
         sampler = RoundBatchSampler(
             self.train_sizes,
@@ -168,9 +174,12 @@ class FederatedDataModule(pl.LightningDataModule):
             self.seed,
             current_round,
             clients=clients,
+            group_size=group_size,
         )
         return DataLoader(
-            _ClientDataset(self._clients, "train"), batch_sampler=sampler, collate_fn=collate
+            _ClientDataset(self._clients, "train"),
+            batch_sampler=sampler,
+            collate_fn=collate if group_size == 1 else collate_clients,
         )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -271,7 +280,11 @@ def _participant_count(clients_per_round: int | float | None, num_clients: int) 
 
 
 class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
-    """``local_steps`` batches per client per round; the order depends only on (seed, round)."""
+    """``local_steps`` batches per client per round; the order depends only on (seed, round).
+
+    With ``group_size`` > 1, clients go in groups of that many, and each batch holds the
+    group's batches of one local step side by side (each client's batches are unchanged).
+    """
 
     def __init__(
         self,
@@ -281,6 +294,7 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: int,
         current_round,
         clients: Sequence[int] | Callable[[int], Sequence[int]] | None = None,
+        group_size: int = 1,
     ):
         self.sizes = list(sizes)
         self.local_steps = local_steps
@@ -290,27 +304,40 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
         if clients is None:
             clients = range(len(self.sizes))
         self.clients = clients if callable(clients) else list(clients)
+        self.group_size = group_size
 
     def __len__(self) -> int:
-        return len(self._clients(self.current_round())) * self.local_steps
+        groups = math.ceil(len(self._clients(self.current_round())) / self.group_size)
+        return groups * self.local_steps
 
     def _clients(self, round_index: int) -> Sequence[int]:
         return self.clients(round_index) if callable(self.clients) else self.clients
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         round_index = self.current_round()
-        for client in self._clients(round_index):
-            size = self.sizes[client]
-            generator = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + round_index) * 10_007 + client
-            )
-            needed = self.local_steps * self.batch_size
-            order: list[int] = []
-            while len(order) < needed:
-                order += torch.randperm(size, generator=generator).tolist()
-            for step in range(self.local_steps):
-                chunk = order[step * self.batch_size : (step + 1) * self.batch_size]
-                yield [(client, index) for index in chunk]
+        clients = list(self._clients(round_index))
+        for first in range(0, len(clients), self.group_size):
+            group = clients[first : first + self.group_size]
+            for steps in zip(*(self._batches(k, round_index) for k in group), strict=True):
+                yield [key for step in steps for key in step]
+
+    def _batches(self, client: int, round_index: int) -> list[list[tuple[int, int]]]:
+        """The client's ``local_steps`` batches of the round."""
+        size = self.sizes[client]
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + round_index) * 10_007 + client
+        )
+        needed = self.local_steps * self.batch_size
+        order: list[int] = []
+        while len(order) < needed:
+            order += torch.randperm(size, generator=generator).tolist()
+        return [
+            [
+                (client, index)
+                for index in order[step * self.batch_size : (step + 1) * self.batch_size]
+            ]
+            for step in range(self.local_steps)
+        ]
 
 
 class _ClientDataset(Dataset):
@@ -334,3 +361,11 @@ def collate(items: list[tuple[int, Example]]) -> dict[str, Tensor]:
     batch = {key: torch.stack([example[key] for _, example in items]) for key in items[0][1]}
     batch["client"] = torch.tensor(clients.pop())
     return batch
+
+
+def collate_clients(items: list[tuple[int, Example]]) -> list[dict[str, Tensor]]:
+    """Several clients' examples (each client's together): one ``collate`` batch per client."""
+    groups: dict[int, list[tuple[int, Example]]] = {}
+    for item in items:
+        groups.setdefault(item[0], []).append(item)
+    return [collate(group) for group in groups.values()]

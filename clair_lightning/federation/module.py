@@ -2,7 +2,9 @@
 
 Each client has its own adapter, AdamW state, gradient clipping and learning-rate schedule. One
 Trainer epoch is one round: every client takes its local steps from its current adapter. The
-aggregation callback then reads and rewrites the adapters at the round boundary.
+aggregation callback then reads and rewrites the adapters at the round boundary. With
+``client_group_size`` > 1, that many clients take each local step together in one forward and
+backward pass through the base (``grouped.py``); each still steps its own optimizer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .adapters import copy_adapter, lora_layers
 from .base import BaseModelSource
+from .grouped import grouped_completion_steps, grouped_lora
 from .task import ClientMetrics, completion_step
 
 LrSchedule = Literal["constant", "cosine"]
@@ -35,7 +38,14 @@ def adapter_name(client: int) -> str:
 
 
 class FederatedLoRAModule(pl.LightningModule):
-    """A federation of ``num_clients`` LoRA adapters on one shared, frozen base model."""
+    """A federation of ``num_clients`` LoRA adapters on one shared, frozen base model.
+
+    ``client_group_size``: clients stepped together through one forward/backward of the base
+    (the data module serves their batches side by side). 1, the default, steps them one at a
+    time. Groups pay off where per-operation overhead dominates (the tiny text-copy base on a
+    CPU), barely on SmolLM2 on a CPU, and hold a group's activations at once
+    (benchmarks/README.md, "Batched clients").
+    """
 
     def __init__(
         self,
@@ -50,6 +60,7 @@ class FederatedLoRAModule(pl.LightningModule):
         max_grad_norm: float | None = 1.0,
         lr_schedule: LrSchedule = "constant",
         warmup_steps: int = 0,
+        client_group_size: int = 1,
     ):
         super().__init__()
         if num_clients < 2:
@@ -60,6 +71,8 @@ class FederatedLoRAModule(pl.LightningModule):
             raise ValueError(f"lora_rank must be at least 1, got {lora_rank}")
         if not 0 <= lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if client_group_size < 1:
+            raise ValueError(f"client_group_size must be at least 1, got {client_group_size}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.save_hyperparameters(ignore=["base_model"])
@@ -73,6 +86,7 @@ class FederatedLoRAModule(pl.LightningModule):
             self.model.add_adapter(adapter_name(client), config)
             copy_adapter(self.model, adapter_name(0), adapter_name(client))
         self.num_clients = num_clients
+        self.client_group_size = client_group_size
         self.client_metrics: list[dict[str, float]] = []
         self.test_client_metrics: list[dict[str, float]] = []
         self._metrics = ClientMetrics(num_clients)
@@ -128,27 +142,35 @@ class FederatedLoRAModule(pl.LightningModule):
         seed = getattr(self.trainer.datamodule, "seed", 0)
         torch.manual_seed(seed * 7_919 + self.current_epoch)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        client = int(batch["client"])
-        self.activate(client)
-        output = completion_step(self.model, batch)
-        optimizers = self.optimizers()
-        optimizer = optimizers[client] if isinstance(optimizers, list) else optimizers
-        self.manual_backward(output.loss)
-        if self.hparams.max_grad_norm:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.hparams.max_grad_norm,
-                gradient_clip_algorithm="norm",
-            )
-        optimizer.step()
-        # Free the gradients now rather than at the client's next step: kept, every client's
-        # gradients (allocated among the activations) fragment the heap, and the peak memory
-        # grew 4 MiB per client at K = 64 (benchmarks/federation_speed.py).
-        optimizer.zero_grad()
-        schedulers = self.lr_schedulers()
-        (schedulers[client] if isinstance(schedulers, list) else schedulers).step()
-        return output.loss.detach()
+    def training_step(
+        self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], batch_idx: int
+    ) -> torch.Tensor:
+        """One local step of one client, or of a group of clients (a list of their batches)."""
+        batches = batch if isinstance(batch, list) else [batch]
+        clients = [int(b["client"]) for b in batches]
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()  # one per client
+        if len(batches) == 1:
+            self.activate(clients[0])
+            losses = [completion_step(self.model, batches[0]).loss]
+            self.manual_backward(losses[0])
+        else:
+            with grouped_lora(self.model, [adapter_name(k) for k in clients]):
+                losses = [step.loss for step in grouped_completion_steps(self.model, batches)]
+                self.manual_backward(torch.stack(losses).sum())
+        for client in clients:
+            if self.hparams.max_grad_norm:
+                self.clip_gradients(
+                    optimizers[client],
+                    gradient_clip_val=self.hparams.max_grad_norm,
+                    gradient_clip_algorithm="norm",
+                )
+            optimizers[client].step()
+            # Free the gradients now rather than at the client's next step: kept, every client's
+            # gradients (allocated among the activations) fragment the heap, and the peak memory
+            # grew 4 MiB per client at K = 64 (benchmarks/federation_speed.py).
+            optimizers[client].zero_grad()
+            schedulers[client].step()
+        return torch.stack(losses).detach().mean()
 
     # --- evaluation -------------------------------------------------------------------------
 

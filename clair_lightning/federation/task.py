@@ -28,8 +28,13 @@ class StepOutput:
 def completion_step(model: torch.nn.Module, batch: dict[str, Tensor]) -> StepOutput:
     """Forward a batch, return its mean loss (for backward) and summed statistics."""
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    logits = outputs.logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    return completion_output(outputs.logits, batch["labels"])
+
+
+def completion_output(logits: Tensor, labels: Tensor) -> StepOutput:
+    """The mean loss and summed statistics of a batch's logits against its labels."""
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
     mask = labels != -100
     token_losses = torch.nn.functional.cross_entropy(
         logits.transpose(1, 2).float(), labels.clamp_min(0), reduction="none"

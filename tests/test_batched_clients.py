@@ -1,0 +1,125 @@
+"""Clients stepped in groups through one base pass: same batches, gradients, flags and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clair_lightning.cli import run
+from clair_lightning.federation import ConfigBase, FederatedLoRAModule, adapter_name
+from clair_lightning.federation import module as federation_module
+from clair_lightning.federation.data import RoundBatchSampler
+from clair_lightning.federation.grouped import grouped_completion_steps, grouped_lora
+from clair_lightning.federation.task import completion_step
+
+from .test_federation import TINY_LLAMA
+
+SMOKE = "configs/text_copy_smoke.yaml"
+
+
+def _batch(length: int, real_lengths: list[int], generator) -> dict:
+    input_ids = torch.randint(0, 32, (len(real_lengths), length), generator=generator)
+    attention_mask = (torch.arange(length) < torch.tensor(real_lengths)[:, None]).long()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :2] = -100  # a prompt
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def test_grouped_pass_gives_each_client_the_loss_and_gradient_of_its_own_pass():
+    torch.manual_seed(0)
+    module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=4, lora_rank=4)
+    with torch.no_grad():
+        for name, parameter in module.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)  # clients differ, and A gets gradients too
+    generator = torch.Generator().manual_seed(1)
+    clients = [2, 0, 3]  # out of order, client 1 left out
+    batches = [  # different lengths: the grouped pass pads to 12 with masks
+        _batch(12, [12, 7, 12], generator),
+        _batch(9, [9, 9, 4], generator),
+        _batch(12, [5, 12, 10], generator),
+    ]
+    expected_losses, expected_gradients = [], []
+    for client, batch in zip(clients, batches, strict=True):
+        module.activate(client)
+        module.model.zero_grad()
+        loss = completion_step(module.model, batch).loss
+        loss.backward()
+        expected_losses.append(loss.detach())
+        expected_gradients.append([p.grad.clone() for p in module.client_parameters(client)])
+
+    module.model.zero_grad(set_to_none=True)
+    with grouped_lora(module.model, [adapter_name(k) for k in clients]):
+        steps = grouped_completion_steps(module.model, batches)
+        torch.stack([step.loss for step in steps]).sum().backward()
+
+    torch.testing.assert_close(torch.stack([s.loss for s in steps]), torch.stack(expected_losses))
+    for client, expected in zip(clients, expected_gradients, strict=True):
+        for ours, theirs in zip(module.client_parameters(client), expected, strict=True):
+            torch.testing.assert_close(ours.grad, theirs, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in module.client_parameters(1))
+    assert not torch.allclose(expected_gradients[0][0], expected_gradients[1][0])
+    # peft is left as before: one active adapter, a plain pass equals that adapter's own
+    module.activate(0)
+    with torch.no_grad():
+        assert float(completion_step(module.model, batches[1]).loss) == pytest.approx(
+            float(expected_losses[1]), rel=1e-6
+        )
+
+
+def test_groups_hold_each_clients_own_batches_step_by_step():
+    sizes, clients = [10, 7, 12, 9, 8], [0, 1, 3, 4]
+
+    def batches(group_size):
+        sampler = RoundBatchSampler(sizes, 3, 4, 0, lambda: 1, clients, group_size=group_size)
+        return len(sampler), list(sampler)
+
+    count, single = batches(1)
+    assert count == len(single) == 12
+    count, grouped = batches(3)
+    assert count == len(grouped) == 6  # clients (0, 1, 3) then (4,), 3 local steps each
+    assert [sorted({k for k, _ in batch}) for batch in grouped] == [[0, 1, 3]] * 3 + [[4]] * 3
+    for client in clients:
+        own = [[key for key in batch if key[0] == client] for batch in grouped]
+        assert [b for b in own if b] == [b for b in single if b[0][0] == client]
+
+
+def _summary(tmp_path, overrides=()):
+    folder = run(SMOKE, ["--run.output_dir", str(tmp_path), *overrides])
+    return folder, json.loads((folder / "summary.json").read_text())
+
+
+def test_federation_in_groups_gives_the_flags_metrics_and_adapters_of_one_at_a_time(
+    tmp_path, monkeypatch
+):
+    groups = []
+
+    def counted(model, batches):
+        groups.append([int(b["client"]) for b in batches])
+        return grouped_completion_steps(model, batches)
+
+    single_folder, single = _summary(tmp_path / "single")
+    monkeypatch.setattr(federation_module, "grouped_completion_steps", counted)
+    grouped_folder, grouped = _summary(tmp_path / "grouped", ["--model.client_group_size", "3"])
+
+    # 4 clients in groups (0, 1, 2) and (3,): 2 rounds x 3 local steps of the group of three
+    assert groups == [[0, 1, 2]] * 6
+    assert len(single["rounds"]) == len(grouped["rounds"]) == 2
+    for ours, theirs in zip(grouped["rounds"], single["rounds"], strict=True):
+        assert ours["detection"] == pytest.approx(theirs["detection"], abs=1e-6)
+        for client_ours, client_theirs in zip(ours["clients"], theirs["clients"], strict=True):
+            assert client_ours["flag"] == client_theirs["flag"]
+            assert client_ours["score"] == pytest.approx(client_theirs["score"], rel=1e-4, abs=1e-6)
+            for name, value in client_theirs["metrics"].items():
+                assert client_ours["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    for client in range(4):  # the peft-format adapters each run saved
+        ours, theirs = (
+            load_file(folder / "adapters" / f"client_{client}" / "adapter_model.safetensors")
+            for folder in (grouped_folder, single_folder)
+        )
+        assert ours.keys() == theirs.keys()
+        for name, value in theirs.items():
+            torch.testing.assert_close(ours[name], value, rtol=1e-3, atol=1e-5)
