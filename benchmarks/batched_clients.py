@@ -23,20 +23,25 @@ timing. Batches of different lengths are right-padded to the longest (attention 
 
 CPU seconds of the process (run with ``OMP_NUM_THREADS=1``), median over repeats, for the
 forward + backward and for the whole training step (with the K clips and AdamW steps).
+``text-copy-fit`` trains the recipe's federation (``configs/text_copy.yaml`` at K clients) with
+Lightning, one client at a time and with ``client_group_size`` K/2 and K, and compares the CPU
+seconds of a round's local steps and the adapters it ends with.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 import yaml
 
 from clair_lightning.federation import ConfigBase, FederatedLoRAModule, PretrainedBase
-from clair_lightning.federation.adapters import lora_layers
+from clair_lightning.federation.adapters import lora_layers, read_update
 from clair_lightning.federation.grouped import grouped_completion_steps, grouped_lora
 from clair_lightning.federation.module import adapter_name
 from clair_lightning.federation.task import completion_step
@@ -199,13 +204,82 @@ def measure(name: str, clients: int, repeats: int) -> None:
     )
 
 
+class RoundTimer(pl.Callback):
+    """CPU seconds of each round's local steps (epoch start to the end of its last batch)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            self.seconds.append(time.process_time() - self._start)
+
+
+def federation_rounds(clients: int, group_size: int, rounds: int):
+    """The text-copy recipe's federation trained ``rounds`` rounds by Lightning (no
+    aggregation): the median CPU seconds of a round's local steps, and the final adapters."""
+    recipe = yaml.safe_load(TEXT_COPY.read_text())
+    settings = dict(recipe["model"])
+    base = PretrainedCopyBase(**settings.pop("base_model")["init_args"])
+    pl.seed_everything(0, verbose=False)
+    module = FederatedLoRAModule(
+        base, num_clients=clients, client_group_size=group_size, **settings
+    )
+    data = TextCopyDataModule(**{**recipe["data"]["init_args"], "num_clients": clients})
+    timer = RoundTimer()
+    trainer = pl.Trainer(
+        max_epochs=rounds,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=data)
+    adapters = [read_update(module.model, adapter_name(k)) for k in range(clients)]
+    return statistics.median(timer.seconds), adapters
+
+
+def measure_federation(clients: int, rounds: int, group_sizes: list[int]) -> None:
+    one, reference = federation_rounds(clients, 1, rounds)
+    print(
+        f"text-copy-fit: the recipe's federation in Lightning, K = {clients}, {rounds} rounds of "
+        f"10 local steps (no aggregation), {torch.get_num_threads()} threads (CPU s per round, "
+        f"median)\n  one at a time {one:.3f} s"
+    )
+    for group_size in group_sizes:
+        both, adapters = federation_rounds(clients, group_size, rounds)
+        for ours, theirs in zip(adapters, reference, strict=True):
+            for name, (b, a) in theirs.items():
+                product = ours[name][0] @ ours[name][1]
+                torch.testing.assert_close(product, b @ a, rtol=1e-3, atol=1e-5)
+        print(
+            f"  client_group_size = {group_size}: {both:.3f} s, ratio {one / both:.2f} "
+            f"(goal >= 1.5); adapters equal after {rounds} rounds"
+        )
+
+
 def main() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--repeats", type=int, help="timed steps per path (default per model)")
-    parser.add_argument("--models", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    choices = [*SETUPS, "text-copy-fit"]
+    parser.add_argument("--models", nargs="+", choices=choices, default=choices)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of text-copy-fit")
+    parser.add_argument("--group-sizes", type=int, nargs="+", help="text-copy-fit (default K/2, K)")
     args = parser.parse_args()
     for name in args.models:
+        if name == "text-copy-fit":
+            sizes = args.group_sizes or [args.clients // 2, args.clients]
+            measure_federation(args.clients, args.rounds, sizes)
+            continue
         if name == "smollm2" and not (SMOLLM2 / "config.json").is_file():
             print(f"smollm2: skipped ({SMOLLM2} missing; run `clair prepare smollm2`)")
             continue

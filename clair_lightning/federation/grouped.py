@@ -27,7 +27,7 @@ def _add_grouped_terms(layer, args, output: Tensor, adapters: Sequence[str]) -> 
     b = torch.stack([layer.lora_B[name].weight for name in adapters])  # (K, d_out, r)
     x = layer.lora_dropout[adapters[0]](args[0].to(a.dtype))
     groups = x.reshape(len(adapters), -1, x.shape[-1])
-    delta = torch.bmm(torch.bmm(groups, a.mT), b.mT) * layer.scaling[adapters[0]]
+    delta = torch.bmm(torch.bmm(groups, a.mT), b.mT * layer.scaling[adapters[0]])
     return output + delta.reshape(output.shape).to(output.dtype)
 
 
