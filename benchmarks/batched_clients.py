@@ -202,6 +202,11 @@ def measure(name: str, clients: int, repeats: int) -> None:
         f"  training step:    one at a time {one_step:.3f} s, grouped {both_step:.3f} s, "
         f"ratio {one_step / both_step:.2f} (goal >= 1.5); losses and gradients equal per client"
     )
+    paired = sorted(one[1] / both[1] for one, both in zip(separate, together, strict=True))
+    print(
+        f"  training step ratio of each repeat (the two paths side by side): {paired[0]:.2f} "
+        f"to {paired[-1]:.2f}"
+    )
 
 
 class RoundTimer(pl.Callback):
