@@ -234,6 +234,8 @@ def test_result_shape_and_lazy_refined_sequence():
     assert isinstance(result, AggregationResult)
     assert len(result.contaminated) == len(result.scores) == len(result.refined) == 6
     assert set(result.score_components) >= {"off_subspace_z", "direction_z", "norm_z"}
+    steps = result.diagnostics["seconds"]
+    assert set(result.diagnostics["cpu_seconds"]) == set(steps) >= {"compress", "collusion_groups"}
     last = result.refined[-1]["layers.0.proj"]
     torch.testing.assert_close(
         last[0] @ last[1],
