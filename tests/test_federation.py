@@ -242,6 +242,7 @@ def test_base_model_saved_with_save_pretrained_is_loaded_by_path(tmp_path):
             r"contaminated_fraction must be in \[0, 0.5\)",
         ),
         (["--data.init_args.contamination", "poisoned"], "unknown contamination 'poisoned'"),
+        (["--model.client_group_size", "0"], "client_group_size must be at least 1, got 0"),
         (
             ["--model.target_modules", "[q_proj, gate_keeper]"],
             r"LoRA target module\(s\) \['gate_keeper'\]",
