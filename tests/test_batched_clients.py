@@ -28,9 +28,13 @@ def _batch(length: int, real_lengths: list[int], generator) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def test_grouped_pass_gives_each_client_the_loss_and_gradient_of_its_own_pass():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grouped_pass_gives_each_client_the_loss_and_gradient_of_its_own_pass(checkpointing):
     torch.manual_seed(0)
     module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=4, lora_rank=4)
+    if checkpointing:  # the forward is re-run inside backward: the grouped terms must be too
+        module.model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+        assert module.model.base_model.model.is_gradient_checkpointing
     with torch.no_grad():
         for name, parameter in module.model.named_parameters():
             if "lora_B" in name:

@@ -35,7 +35,8 @@ def _add_grouped_terms(layer, args, output: Tensor, adapters: Sequence[str]) -> 
 def grouped_lora(model: PeftModel, adapters: Sequence[str]) -> Iterator[None]:
     """Inside, a forward of the concatenated batches of ``adapters`` (equal row counts, in that
     order) trains each adapter on its own rows; on exit ``adapters[0]`` is the active one.
-    Backward belongs inside too: gradient checkpointing re-runs the forward during it."""
+    Backward belongs inside too: on exit only ``adapters[0]`` requires gradients, and gradient
+    checkpointing re-runs the forward during backward."""
     layers = list(lora_layers(model).values())
     for layer in layers:
         if len({layer.scaling[name] for name in adapters}) != 1:
