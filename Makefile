@@ -12,7 +12,7 @@ $(BIN)/clair: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,flower]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,flower]" "$(TORCH_SPEC)"  # torch stays the CPU wheel
 	touch $@
 
 setup: $(BIN)/clair
