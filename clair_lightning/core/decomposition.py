@@ -132,21 +132,29 @@ def _inexact_alm(
     # matrix per module that holds C (between iterations) or the target Z = M − L + Y/μ
     # (within one) are alive, plus one module's temporaries; L is not kept.
     sparse = [torch.zeros_like(core) for core in cores]
+    # Two module-sized work matrices per core shape, reused for every temporary of the loop.
+    work: dict[torch.Size, tuple[Tensor, Tensor]] = {}
+    for core in cores:
+        if core.shape not in work:
+            work[core.shape] = (torch.empty_like(core), torch.empty_like(core))
     for iteration in range(1, max_iterations + 1):
         for m, (core, y) in enumerate(zip(cores, duals, strict=True)):
-            shifted = torch.add(core, y, alpha=1.0 / penalty)
-            low_rank = solver.threshold(m, torch.sub(shifted, sparse[m]), 1.0 / penalty)
+            shifted, low_rank_target = work[core.shape]
+            torch.add(core, y, alpha=1.0 / penalty, out=shifted)
+            torch.sub(shifted, sparse[m], out=low_rank_target)
+            low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty)
             torch.sub(shifted, low_rank, out=sparse[m])
         factors = _shrink_factors(sparse, owners, num_clients, lam / penalty)
         # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ.
         squared_residual = 0.0
         for target, owner, y in zip(sparse, owners, duals, strict=True):
-            gap = _unshrunk(target, factors, owner).sub_(y, alpha=1.0 / penalty)
+            gap = _unshrunk(target, factors, owner, out=work[target.shape][0])
+            gap.sub_(y, alpha=1.0 / penalty)
             squared_residual += float(torch.linalg.vector_norm(gap)) ** 2
         converged = float(squared_residual**0.5) <= tolerance * data_norm
         last = converged or iteration == max_iterations
         for core, target, owner, y in zip(cores, sparse, owners, duals, strict=True):
-            rest = _unshrunk(target, factors, owner)
+            rest = _unshrunk(target, factors, owner, out=work[target.shape][0])
             if last:  # L = M + Y/μ − Z, in the dual's place
                 torch.add(core, y, alpha=1.0 / penalty, out=y).sub_(target)
             else:
@@ -158,9 +166,9 @@ def _inexact_alm(
     return [torch.zeros_like(core) for core in cores], sparse, max_iterations, False
 
 
-def _unshrunk(target: Tensor, factors: Tensor, owner: Tensor) -> Tensor:
-    """The part ``(1 − s) ⊙ Z`` of a target that block shrinkage leaves out of ``C``."""
-    return target * (1.0 - factors.to(target.dtype))[owner]
+def _unshrunk(target: Tensor, factors: Tensor, owner: Tensor, out: Tensor) -> Tensor:
+    """The part ``(1 − s) ⊙ Z`` of a target that block shrinkage leaves out of ``C``, in ``out``."""
+    return torch.mul(target, (1.0 - factors.to(target.dtype))[owner], out=out)
 
 
 def _fista(
