@@ -77,10 +77,20 @@ def compress_module(validated: ValidatedUpdates, name: str, clients: list[int]) 
     )
     # Squares in float64: a float32 block of norm 1e19 (a scaled client) would overflow.
     squared = torch.zeros(len(widths), dtype=torch.float64, device=stacked_t.device)
-    row_norms = torch.linalg.vector_norm(stacked_t, dim=1, dtype=torch.float64)
+    # In blocks of rows: one float64 copy of the whole stacking (32 MiB at the 7B shape) is
+    # allocated by mmap and page-faulted on every call, 8x slower than cache-sized blocks.
+    row_norms = torch.cat(
+        [
+            torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
+            for rows in stacked_t.split(_NORM_BLOCK_ROWS)
+        ]
+    )
     squared.index_add_(0, owner, row_norms.square())
     norms = squared.sqrt().to(stacked_t.dtype)
     return CompressedModule(name, list(clients), blocks, norms, owner, b_factors, row_factors)
+
+
+_NORM_BLOCK_ROWS = 256
 
 
 def _transposed_stacking(
