@@ -144,7 +144,7 @@ def _inexact_alm(
             torch.sub(shifted, sparse[m], out=low_rank_target)
             low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty)
             torch.sub(shifted, low_rank, out=sparse[m])
-        factors = _shrink_factors(sparse, owners, num_clients, lam / penalty)
+        factors = _shrink_factors(sparse, owners, num_clients, lam / penalty, work)
         # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ.
         squared_residual = 0.0
         for target, owner, y in zip(sparse, owners, duals, strict=True):
@@ -282,10 +282,14 @@ class _SvtState:
 
 
 def _shrink_factors(
-    targets: list[Tensor], owners: list[Tensor], num_clients: int, tau: float
+    targets: list[Tensor],
+    owners: list[Tensor],
+    num_clients: int,
+    tau: float,
+    work: dict[torch.Size, tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """Group soft-thresholding factors ``max(0, 1 − τ/‖X_k‖)`` per client (pooled norms)."""
-    norms = _pooled_block_norms(targets, owners, num_clients)
+    norms = _pooled_block_norms(targets, owners, num_clients, work)
     return torch.where(norms > tau, 1.0 - tau / norms.clamp_min(1e-30), 0.0)
 
 
@@ -299,11 +303,18 @@ def _block_shrink(
     return targets
 
 
-def _pooled_block_norms(matrices: list[Tensor], owners: list[Tensor], num_clients: int) -> Tensor:
-    """‖X_k‖_F per client, pooled over modules (float64)."""
+def _pooled_block_norms(
+    matrices: list[Tensor],
+    owners: list[Tensor],
+    num_clients: int,
+    work: dict[torch.Size, tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """‖X_k‖_F per client, pooled over modules (float64); squares go into ``work`` if given."""
     squared = torch.zeros(num_clients, dtype=torch.float64, device=matrices[0].device)
     for matrix, owner in zip(matrices, owners, strict=True):
-        squared.index_add_(0, owner, matrix.square().sum(0).to(torch.float64))
+        out = None if work is None else work[matrix.shape][0]
+        squares = torch.mul(matrix, matrix, out=out)
+        squared.index_add_(0, owner, squares.sum(0).to(torch.float64))
     return squared.sqrt()
 
 
