@@ -142,7 +142,7 @@ def _inexact_alm(
             shifted, low_rank_target = work[core.shape]
             torch.add(core, y, alpha=1.0 / penalty, out=shifted)
             torch.sub(shifted, sparse[m], out=low_rank_target)
-            low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty)
+            low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty, out=low_rank_target)
             torch.sub(shifted, low_rank, out=sparse[m])
         factors = _shrink_factors(sparse, owners, num_clients, lam / penalty, work)
         # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ.
@@ -230,7 +230,10 @@ class _SvtState:
         self._bases: list[Tensor | None] = [None] * num_modules
         self._generator = generator
 
-    def threshold(self, module: int, matrix: Tensor, tau: float) -> Tensor:
+    def threshold(
+        self, module: int, matrix: Tensor, tau: float, out: Tensor | None = None
+    ) -> Tensor:
+        """``D_τ(matrix)``, written into ``out`` when given (it may be ``matrix`` itself)."""
         if self._full or min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         else:
@@ -238,8 +241,8 @@ class _SvtState:
         kept = int((s > tau).sum())
         self.ranks[module] = kept
         if kept == 0:
-            return torch.zeros_like(matrix)
-        return (u[:, :kept] * (s[:kept] - tau)) @ vh[:kept]
+            return torch.zeros_like(matrix) if out is None else out.zero_()
+        return torch.matmul(u[:, :kept] * (s[:kept] - tau), vh[:kept], out=out)
 
     def _partial_svd(
         self, module: int, matrix: Tensor, tau: float
