@@ -231,8 +231,13 @@ def _top_eigenpairs(
     width = min(n, count + extra_rank + _OVERSAMPLING)
     if n <= 2 * width:
         return _dense_top_eigenpairs(diagonal, low_rank, count)
-    axes = torch.eye(n, width - extra_rank, dtype=low_rank.dtype, device=low_rank.device)
-    basis = torch.linalg.qr(torch.cat([low_rank.mT, axes.expand(num_clients, -1, -1)], dim=2))[0]
+    # The leading axes are orthonormal already: only the rows of Y_k below them need a QR.
+    num_axes = width - extra_rank
+    axes = torch.eye(n, num_axes, dtype=low_rank.dtype, device=low_rank.device)
+    basis = torch.cat(
+        [axes.expand(num_clients, -1, -1), low_rank.new_zeros(num_clients, n, extra_rank)], dim=2
+    )
+    basis[:, num_axes:, num_axes:] = torch.linalg.qr(low_rank.mT[:, num_axes:])[0]
     pending = torch.arange(num_clients, device=low_rank.device)
     eigenvalues = low_rank.new_zeros(num_clients, count)
     eigenvectors = low_rank.new_zeros(num_clients, n, count)
