@@ -174,7 +174,7 @@ class StackingCore:
 
 
 def stacking_gram(module: CompressedModule) -> Tensor | None:
-    """Gram ``M̂ᵀM̂`` of the stacking with unit-norm client blocks (``Σr x Σr``, ¾ of a GEMM).
+    """Gram ``M̂ᵀM̂`` of the stacking with unit-norm client blocks (``Σr x Σr``, one triangle).
 
     ``None`` for a stacking with at most half as many rows as columns, which is its own core.
     The blocks are normalised before the Gram is formed, so it does not depend on the

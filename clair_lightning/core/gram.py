@@ -38,8 +38,8 @@ def compressed_product_gram(
 
     With ``B_k A_k = T_k Q_kᵀ`` (``compress_module``), ``⟨B_iA_i, B_jA_j⟩ = Σ (T_iᵀT_j) ⊙
     (Q_iᵀQ_j)``: the ``T`` Gram is the one the core was formed from (``stacking_gram``, blocks
-    at unit norm), so only the ``Q`` Gram is new work, ¾ of a GEMM instead of the two GEMMs of
-    the ``B`` and ``A`` Grams. ``stacking_gram=None`` (a short, wide stacking without a Gram)
+    at unit norm), so only the ``Q`` Gram is new work, one triangle instead of the two GEMMs
+    of the ``B`` and ``A`` Grams. ``stacking_gram=None`` (a short, wide stacking without a Gram)
     takes the factors' Grams.
     """
     if stacking_gram is None:
