@@ -3,7 +3,7 @@
     python benchmarks/attack_detection.py                 # K = 20, 20% and 40%, 5 seeds
     python benchmarks/attack_detection.py --seeds 2       # quicker
     python benchmarks/attack_detection.py --update-readme README.md
-    python benchmarks/attack_detection.py --checks all     # with the opt-in support check
+    python benchmarks/attack_detection.py --checks off_subspace,direction,norm,collusion
 
 Benign clients share a column subspace (two modules) with heterogeneous in-subspace
 coefficients and off-subspace estimation noise; the attackers (chosen at random per seed)

@@ -4,8 +4,6 @@ import torch
 
 from clair_lightning import clair_aggregate
 from clair_lightning.core.attacks import contaminate
-from clair_lightning.core.clair import CHECKS
-from clair_lightning.core.detection import robust_z
 from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.recipes.linear_regression.data import make_federation
 
@@ -108,8 +106,8 @@ def test_a_direction_carried_by_a_minority_of_distinct_clients_leaves_the_subspa
     updates = contaminate(
         federation.updates, [k in attackers for k in range(K)], "rank1_off_subspace"
     )
-    without = clair_aggregate(updates)
-    result = clair_aggregate(updates, checks=CHECKS)
+    without = clair_aggregate(updates, checks=("off_subspace", "direction", "norm", "collusion"))
+    result = clair_aggregate(updates)
     true_ranks = {name: u.shape[1] for name, u in federation.subspaces.items()}
     assert not any(without.contaminated)
     assert any(without.diagnostics["subspace_ranks"][n] > r for n, r in true_ranks.items())
@@ -155,29 +153,16 @@ def test_two_clients_sharing_a_direction_of_their_own_are_left_alone():
     assert clair_aggregate(updates, checks=("support",)).contaminated == four
 
 
-def test_a_cluster_sharing_a_direction_is_not_flagged_by_the_default_checks():
-    """``support`` is opt-in: four clients carrying one extra direction may be a benign cluster
-    sharing a task, so the default checks leave them alone and only ``support`` flags them."""
+def test_a_cluster_carrying_a_direction_weakly_is_not_flagged():
+    """Four clients share one extra direction: with a tenth of their energy in it, as a benign
+    cluster sharing a task carries it, the support check leaves them alone; with half, as
+    colluders who add a term to move the aggregate, they are flagged and it leaves the
+    subspace."""
     federation = _federation(seed=2)
     cluster = [k in (4, 9, 12, 15) for k in range(K)]
-    updates = contaminate(federation.updates, cluster, "rank1_off_subspace")
-    assert not any(clair_aggregate(updates).contaminated)
-    assert max(clair_aggregate(updates).score_components["support_z"]) == 0.0
-    assert clair_aggregate(updates, checks=CHECKS).contaminated == cluster
-
-
-def test_a_heterogeneous_benign_client_is_not_flagged_for_its_cosine_alone():
-    """An extreme benign draw points away from the consensus (cosine z-score above the
-    threshold) but still carries its share of it, so the direction check leaves it; the same
-    client sign-flipped loses that share and is flagged."""
-    federation = synthetic_federation(
-        K, heterogeneity=0.5, noise=0.1, generator=torch.Generator().manual_seed(10)
-    )
-    result = clair_aggregate(federation.updates)
-    components = result.score_components
-    everyone = torch.ones(K, dtype=torch.bool)
-    cosine_z = robust_z(torch.tensor(components["direction_distance"]), everyone, 0.075)
-    assert cosine_z[1] > THRESHOLD and components["projection_z"][1] < THRESHOLD - 1
+    weak = contaminate(federation.updates, cluster, "rank1_off_subspace", energy=0.1)
+    result = clair_aggregate(weak, checks=("support",))
     assert not any(result.contaminated)
-    flipped = contaminate(federation.updates, [k == 1 for k in range(K)], "sign_flip")
-    assert clair_aggregate(flipped).contaminated == [k == 1 for k in range(K)]
+    assert max(result.score_components["support_z"]) == 0.0
+    strong = contaminate(federation.updates, cluster, "rank1_off_subspace", energy=0.5)
+    assert clair_aggregate(strong).contaminated == cluster

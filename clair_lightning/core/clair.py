@@ -22,7 +22,7 @@ from .compression import (
     stacking_gram,
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
-from .detection import centre_distance, direction_statistics, near_duplicate_groups, robust_z
+from .detection import centre_distance, direction_distance, near_duplicate_groups, robust_z
 from .factors import Split
 from .gram import compressed_product_gram
 from .refinement import ModuleRefinement, consensus, module_refinement, refine, refined_at_rank
@@ -33,15 +33,11 @@ from .updates import ClientUpdate, NonFinitePolicy, ValidatedUpdates, validate_u
 FlaggedPolicy = Literal["own", "consensus"]
 Check = Literal["off_subspace", "direction", "norm", "collusion", "support"]
 CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion", "support")
-DEFAULT_CHECKS: tuple[Check, ...] = ("off_subspace", "direction", "norm", "collusion")
 _MAX_DETECTION_ROUNDS = 5
 _CLEAN_SHARE = 1e-3
 _SUPPORT_FACTOR = 10.0
 _SMALLEST_MINORITY = 3
-# The direction check also needs the component along the centre to fall short: robust z above
-# threshold − 1, in units of the centre's norm with a scale of at least 0.05.
-_PROJECTION_SLACK = 1.0
-_PROJECTION_FLOOR = 0.05
+_SUPPORT_ENERGY = 0.25
 
 
 def clair_aggregate(
@@ -54,7 +50,7 @@ def clair_aggregate(
     tolerance: float = 1e-4,
     max_iterations: int = 500,
     threshold: float = 4.5,
-    checks: Sequence[Check] = DEFAULT_CHECKS,
+    checks: Sequence[Check] = CHECKS,
     off_subspace_floor: float = 0.02,
     direction_floor: float = 0.075,
     norm_floor: float = 0.25,
@@ -81,16 +77,14 @@ def clair_aggregate(
             heterogeneity, 0.72 → 0.53).
         checks: statistics that may flag: ``off_subspace`` (share of the update outside the
             shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
-            in-subspace coefficients, when the component along the centre also falls short:
-            heterogeneous benign clients point away from the centre but still carry it),
+            in-subspace coefficients),
             ``norm`` (log of the update norm, two-sided),
             ``collusion`` (a group of near-identical clients, flagged only when
             measured against everyone else it also leaves their subspace or is too typical),
             ``support`` (clients carrying a direction of the shared subspace that fewer than
             half of the clients carry, flagged when they leave the subspace re-estimated
-            without them). ``support`` is opt-in: it cannot tell colluders sharing a direction
-            from a benign cluster sharing a task (three benign text-copy clients flagged in
-            round 5 of the main job), so the default is the other four.
+            without them by at least a quarter of their squared norm: a benign cluster sharing
+            a task carries its direction weakly, three benign text-copy clients lost 6–13%).
         off_subspace_floor, direction_floor, norm_floor: smallest scale of each robust z-score,
             so near-identical benign clients are not flagged for tiny deviations: with the
             default threshold a direction flag needs a cosine at least 0.34 below the typical
@@ -158,14 +152,8 @@ def clair_aggregate(
 
     coefficient_gram, log_norm = _within_subspace_statistics(validated, modules, subspaces)
     client_weights = validated.weights[clients]
-    direction, projection = direction_statistics(
-        coefficient_gram, reference & independent, client_weights
-    )
-    projection_z = robust_z(-projection, reference & independent, _PROJECTION_FLOOR)
-    direction_z = torch.minimum(
-        robust_z(direction, reference & independent, direction_floor),
-        projection_z + _PROJECTION_SLACK,
-    )
+    direction = direction_distance(coefficient_gram, reference & independent, client_weights)
+    direction_z = robust_z(direction, reference & independent, direction_floor)
     norm_z = robust_z(log_norm, reference & independent, norm_floor)
     statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
     flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
@@ -213,8 +201,6 @@ def clair_aggregate(
         "off_subspace_z": off_z,
         "direction_distance": direction,
         "direction_z": direction_z,
-        "consensus_projection": projection,
-        "projection_z": projection_z,
         "log_relative_norm": log_norm,
         "norm_z": norm_z,
         "closeness_z": closeness_z,
@@ -483,13 +469,19 @@ def _minority_support(
     Zero for everyone else, and for everyone when the carriers are not a minority or fewer
     than three: one or two benign clients often share a direction of their own (clients with
     overlapping tasks), which the rank rule can admit into the subspace of a small federation.
+    Zero too for a carrier that loses less than ``_SUPPORT_ENERGY`` of its squared norm to the
+    rest's subspace: a benign cluster sharing a task carries its direction weakly (measured on
+    the text-copying recipe: 0.06–0.13), colluders who add a term to move the aggregate put a
+    real share of their energy there (0.5 in ``rank1_off_subspace``).
     """
     carriers = estimator.minority_carriers(core_bases, reference)
     support_z = torch.zeros(len(reference), dtype=torch.float64, device=reference.device)
     rest = reference & ~carriers
     if _SMALLEST_MINORITY <= int(carriers.sum()) < int(rest.sum()):
         residual = estimator.residual_fraction(estimator.estimate(rest))
-        support_z[carriers] = robust_z(residual, rest & independent, floor)[carriers]
+        gained = residual.square() - estimator.residual_fraction(core_bases).square()
+        carrying = carriers & (gained >= _SUPPORT_ENERGY)
+        support_z[carrying] = robust_z(residual, rest & independent, floor)[carrying]
     return support_z
 
 

@@ -80,16 +80,11 @@ def centre_distance(gram: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
     return squared.clamp_min(0).sqrt() / gram.diagonal().clamp_min(1e-300).sqrt()
 
 
-def direction_statistics(gram: Tensor, reference: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """``1 − cos`` to the robust centre ``c`` of the reference vectors (0 … 2), and the
-    projection ``⟨Θ_k, c⟩ / ‖c‖²``.
+def direction_distance(gram: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
+    """``1 − cos`` between each vector and the robust centre of the reference vectors (0 … 2).
 
-    Works on the Gram matrix of the vectors. The cosine catches sign-flipped,
-    inner-product-manipulated or projected updates inside the shared subspace, where the
-    column-space decomposition is blind. The projection (each vector's component along the
-    centre, in units of it) is linear in the vector, so its benign spread has light tails where
-    the cosine's has heavy ones: a heterogeneous benign client points away from the centre but
-    still carries its share of it.
+    Works on the Gram matrix of the vectors. Catches sign-flipped, inner-product-manipulated or
+    projected updates inside the shared subspace, where the column-space decomposition is blind.
     """
     reference_index = reference.nonzero().flatten()
     coefficients = geometric_median_coefficients(
@@ -98,6 +93,6 @@ def direction_statistics(gram: Tensor, reference: Tensor, weights: Tensor) -> tu
     to_centre = gram[:, reference_index] @ coefficients
     centre_norm = float(coefficients @ gram[reference_index][:, reference_index] @ coefficients)
     if centre_norm <= 0:
-        return torch.zeros_like(to_centre), torch.ones_like(to_centre)
+        return torch.zeros_like(to_centre)
     norms = gram.diagonal().clamp_min(1e-300).sqrt()
-    return 1.0 - to_centre / (norms * centre_norm**0.5), to_centre / centre_norm
+    return 1.0 - to_centre / (norms * centre_norm**0.5)
