@@ -182,6 +182,7 @@ def test_compare_command_runs_offline_without_a_wandb_account(tmp_path):
     environment["HOME"] = str(tmp_path)  # no ~/.netrc, no wandb settings
     completed = subprocess.run(
         _compare_command(
+            CONFIG,
             "--aggregators",
             "clair,fedavg",
             "--contaminations",
@@ -263,8 +264,8 @@ def test_a_grid_where_every_aggregator_ends_equal_is_not_judged_on_benign_claims
     assert [v["holds"] for v in apart if "benign" in v["claim"]] == [True, True]
 
 
-def _compare_command(*arguments: str) -> list[str]:
-    """``clair compare`` on the regression recipe, as a fresh process runs it."""
+def _compare_command(config: Path, *arguments: str) -> list[str]:
+    """``clair compare`` on ``config``, as a fresh process runs it."""
     import sys
 
     return [
@@ -273,7 +274,7 @@ def _compare_command(*arguments: str) -> list[str]:
         "from clair_lightning.cli import main; raise SystemExit(main())",
         "compare",
         "--config",
-        str(CONFIG),
+        str(config),
         *arguments,
     ]
 
@@ -283,11 +284,11 @@ INTERRUPTED_GRID = (
 )  # fmt: skip
 
 
-def _start_compare(output: Path):
+def _start_compare(config: Path, output: Path):
     import subprocess
 
     command = _compare_command(
-        *INTERRUPTED_GRID, "--workers", "2", "--no-wandb", "--output", str(output)
+        config, *INTERRUPTED_GRID, "--workers", "2", "--no-wandb", "--output", str(output)
     )
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -315,13 +316,23 @@ def test_a_killed_or_terminated_comparison_leaves_no_workers_and_resumes(tmp_pat
     import psutil
 
     output, cells = tmp_path / "o", tmp_path / "o" / "cells"
+    # Cells of a few seconds each (the default regression cell takes milliseconds), so that an
+    # interruption always lands in the middle of the grid.
+    config = tmp_path / "slow.yaml"
+    config.write_text(
+        CONFIG.read_text()
+        .replace("d_out: 30", "d_out: 400")
+        .replace("d_in: 20", "d_in: 300")
+        .replace("samples: 50", "samples: 2000")
+    )
+    assert "d_out: 400" in config.read_text() and "samples: 2000" in config.read_text()
     total = len(
         expand_grid(
             "linear_regression", ["clair", "fedavg", "local"], ["random_targets"], [0, 1, 2]
         )
     )
 
-    killed = _start_compare(output)
+    killed = _start_compare(config, output)
     workers = _workers_once_records_grow(killed, cells, 0)
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
@@ -330,7 +341,7 @@ def test_a_killed_or_terminated_comparison_leaves_no_workers_and_resumes(tmp_pat
     after_kill = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
     assert 1 <= len(after_kill) < total
 
-    terminated = _start_compare(output)
+    terminated = _start_compare(config, output)
     workers = _workers_once_records_grow(terminated, cells, len(after_kill))
     terminated.send_signal(signal.SIGTERM)
     out, err = terminated.communicate(timeout=60)
@@ -342,7 +353,7 @@ def test_a_killed_or_terminated_comparison_leaves_no_workers_and_resumes(tmp_pat
     after_term = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
     assert len(after_kill) < len(after_term) < total
 
-    main(["--config", str(CONFIG), *INTERRUPTED_GRID, "--no-wandb", "--output", str(output)])
+    main(["--config", str(config), *INTERRUPTED_GRID, "--no-wandb", "--output", str(output)])
     assert (
         f"resuming: {len(after_term)} of {total} cells already finished" in capsys.readouterr().out
     )
