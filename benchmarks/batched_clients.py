@@ -45,6 +45,8 @@ from clair_lightning.federation.adapters import lora_layers, read_update
 from clair_lightning.federation.grouped import grouped_completion_steps, grouped_lora
 from clair_lightning.federation.module import adapter_name
 from clair_lightning.federation.task import completion_step
+from clair_lightning.prepare import SMOLLM2 as SMOLLM2_RELEASE
+from clair_lightning.prepare import models_root
 from clair_lightning.recipes.text_copy import PretrainedCopyBase, TextCopyDataModule
 
 LLAMA_256 = {
@@ -58,7 +60,7 @@ LLAMA_256 = {
     "max_position_embeddings": 64,
 }
 TEXT_COPY = Path(__file__).resolve().parent.parent / "configs" / "text_copy.yaml"
-SMOLLM2 = Path("~/.cache/clair_lightning/models/smollm2-135m-instruct").expanduser()
+SMOLLM2 = models_root() / SMOLLM2_RELEASE["folder"]  # where `clair prepare smollm2` puts it
 
 
 def text_copy_setup(clients: int):
