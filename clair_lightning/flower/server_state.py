@@ -36,7 +36,7 @@ class ServerState:
 
 
 def save_state(run_dir: Path, state: ServerState) -> None:
-    """``torch.save`` into a temporary file, fsync, then ``os.replace`` it."""
+    """``torch.save`` into a temporary file, fsync, ``os.replace`` it, fsync the folder."""
     path = Path(run_dir) / STATE
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -48,6 +48,11 @@ def save_state(run_dir: Path, state: ServerState) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself reaches the disk, as for the Lightning checkpoint
+    finally:
+        os.close(directory)
 
 
 def load_state(run_dir: Path, config_yaml: str, overrides: tuple[str, ...]) -> ServerState:
