@@ -16,21 +16,16 @@ stops the command with one line on stderr and exit code 2, before any run folder
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
 
+from .errors import USER_ERRORS, one_line
 from .experiment import ClairCLI, check_config_files, run
 
 __all__ = ["ClairCLI", "main", "run"]
-
-# Errors of the user's settings, data or files; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, argparse.ArgumentError)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -65,25 +60,6 @@ def quiet_library_chatter() -> None:
     warnings.filterwarnings(
         "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
     )
-
-
-def one_line(error: BaseException) -> str:
-    """The root cause of a (possibly wrapped) error, on one line, with the option it concerns.
-
-    jsonargparse wraps an error raised while instantiating a class in several layers
-    ("Does not validate against any of the Union subtypes ..."); the innermost error is ours.
-    """
-    cause = error
-    while True:
-        inner = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-        if inner is None or not isinstance(inner, Exception):
-            break
-        cause = inner
-    text = " ".join(str(cause).split()) or type(cause).__name__
-    key = re.match(r'Parser key "([^"]+)"', str(error))
-    if key and key.group(1) not in text:
-        text = f"{key.group(1)}: {text}"
-    return text
 
 
 if __name__ == "__main__":

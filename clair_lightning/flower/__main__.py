@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import USER_ERRORS, one_line
+from ..errors import USER_ERRORS, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
