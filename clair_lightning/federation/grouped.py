@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from .adapters import lora_layers
-from .task import StepOutput, completion_output
+from .task import StepOutput, step_output, token_statistics
 
 
 def _add_grouped_terms(layer, args, output: Tensor, adapters: Sequence[str]) -> Tensor:
@@ -67,9 +67,9 @@ def grouped_completion_steps(
     causal attention the padding changes nothing for the real positions, and each batch's
     statistics are taken on its own positions only.
     """
-    rows = {len(batch["input_ids"]) for batch in batches}
-    if len(rows) != 1:
-        raise ValueError(f"grouped clients need equal batch sizes, got {sorted(rows)}")
+    counts = {len(batch["input_ids"]) for batch in batches}
+    if len(counts) != 1:
+        raise ValueError(f"grouped clients need equal batch sizes, got {sorted(counts)}")
     length = max(batch["input_ids"].shape[1] for batch in batches)
 
     def padded(batch: dict[str, Tensor], key: str, value: int) -> Tensor:
@@ -80,10 +80,9 @@ def grouped_completion_steps(
         input_ids=torch.cat([padded(batch, "input_ids", 0) for batch in batches]),
         attention_mask=torch.cat([padded(batch, "attention_mask", 0) for batch in batches]),
     ).logits
-    steps, start = [], 0
-    for batch in batches:
-        count, own_length = batch["input_ids"].shape
-        own = logits[start : start + count, :own_length]
-        steps.append(completion_output(own, batch["labels"]))
-        start += count
-    return steps
+    labels = torch.cat([padded(batch, "labels", -100) for batch in batches])
+    # One pass over the group's logits, then each client's rows: slicing the logits per client
+    # would make backward fill and add a zero gradient of all the logits once per client.
+    rows = [len(batch["input_ids"]) for batch in batches]
+    per_client = (part.split(rows) for part in token_statistics(logits, labels))
+    return [step_output(*own) for own in zip(*per_client, strict=True)]

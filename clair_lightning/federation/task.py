@@ -33,15 +33,26 @@ def completion_step(model: torch.nn.Module, batch: dict[str, Tensor]) -> StepOut
 
 def completion_output(logits: Tensor, labels: Tensor) -> StepOutput:
     """The mean loss and summed statistics of a batch's logits against its labels."""
+    return step_output(*token_statistics(logits, labels))
+
+
+def token_statistics(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each position's next-token loss, whether it is a target, and whether its argmax is right;
+    rows stay apart, so several clients' rows can be split after one pass over the vocabulary."""
     logits = logits[:, :-1]
     labels = labels[:, 1:]
     mask = labels != -100
     token_losses = torch.nn.functional.cross_entropy(
         logits.transpose(1, 2).float(), labels.clamp_min(0), reduction="none"
     )
+    correct = (logits.argmax(-1) == labels) & mask
+    return token_losses, mask, correct
+
+
+def step_output(token_losses: Tensor, mask: Tensor, correct: Tensor) -> StepOutput:
+    """A batch's mean loss and summed statistics from its rows of ``token_statistics``."""
     loss_sum = (token_losses * mask).sum()
     target_tokens = mask.sum()
-    correct = (logits.argmax(-1) == labels) & mask
     exact = (correct | ~mask).all(dim=1)
     return StepOutput(
         loss=loss_sum / target_tokens.clamp_min(1),
@@ -49,7 +60,7 @@ def completion_output(logits: Tensor, labels: Tensor) -> StepOutput:
         target_tokens=target_tokens,
         correct_tokens=correct.sum(),
         exact_sequences=exact.sum(),
-        sequences=torch.tensor(labels.shape[0], device=labels.device),
+        sequences=torch.tensor(mask.shape[0], device=mask.device),
     )
 
 
