@@ -4,6 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clair_lightning import clair_aggregate
+from clair_lightning.core import decomposition
 from clair_lightning.core.compression import (
     StackingCore,
     compress_module,
@@ -12,6 +14,7 @@ from clair_lightning.core.compression import (
 )
 from clair_lightning.core.decomposition import _pooled_block_norms, block_outlier_pursuit
 from clair_lightning.core.gram import compressed_product_gram, product_gram, squared_distances
+from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.core.updates import validate_updates
 
 
@@ -203,3 +206,103 @@ def test_inexact_alm_equals_the_textbook_iteration():
     low_rank, sparse = _textbook_inexact_alm(matrices, owners, 8, result.lam, spectral, 6)
     for got, expected in zip(result.low_rank + result.sparse, low_rank + sparse, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)
+
+
+def _count_certified(monkeypatch):
+    """Count the thresholdings the certified subspace iteration answers (not the full SVD)."""
+    counts = {"certified": 0, "tried": 0}
+    certified_svd = decomposition._SvtState._certified_svd
+
+    def counting(self, module, matrix, tau):
+        result = certified_svd(self, module, matrix, tau)
+        counts["tried"] += 1
+        counts["certified"] += result is not None
+        return result
+
+    monkeypatch.setattr(decomposition._SvtState, "_certified_svd", counting)
+    return counts
+
+
+def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypatch):
+    """A new singular value above τ, orthogonal to the warm basis, fails the certificate."""
+    counts = _count_certified(monkeypatch)
+    verdicts = []
+    spectral_norm_below = decomposition._spectral_norm_below
+
+    def recording(*args):
+        verdicts.append(spectral_norm_below(*args))
+        return verdicts[-1]
+
+    monkeypatch.setattr(decomposition, "_spectral_norm_below", recording)
+    generator = torch.Generator().manual_seed(0)
+    n, tau = 96, 1.0
+    left = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+    values = torch.cat([torch.linspace(5.0, 2.0, 6), 0.5 * torch.rand(n - 6, generator=generator)])
+    values = values.to(torch.float64)
+    solver = decomposition._SvtState(1, None)
+    first = (left * values) @ right.T
+    solver.threshold(0, first, tau)  # full SVD, stores the warm basis
+    solver.threshold(0, first, tau)
+    assert counts == {"certified": 1, "tried": 2} and solver.ranks == [6]
+    # The warm basis holds the top 6 + 9 right vectors; give a direction outside it 1.5 τ.
+    values[-1] = 1.5
+    second = (left * values) @ right.T
+    thresholded = solver.threshold(0, second, tau)
+    # The warm iteration converges at once (the basis is invariant); only the certificate fails.
+    assert verdicts == [True, False]
+    assert counts == {"certified": 1, "tried": 3} and solver.ranks == [7]
+    u, s, vh = torch.linalg.svd(second)
+    torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh)
+
+
+def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
+    """Cores of 64–256 columns: same ranks, iterations and scores as a full SVD per iteration."""
+    counts = _count_certified(monkeypatch)
+    generator = torch.Generator().manual_seed(3)
+    federation = synthetic_federation(
+        12,
+        d_out=300,
+        d_in=200,
+        rank=8,
+        subspace_rank=4,
+        noise=0.05,
+        num_modules=2,
+        generator=generator,
+        dtype=torch.float32,
+    )
+    updates = [dict(update) for update in federation.updates]
+    for k in (0, 5):  # two clients off the shared subspace
+        for name, (b, a) in updates[k].items():
+            updates[k][name] = (torch.randn(b.shape, generator=generator) * b.norm() / 20, a)
+    validated = validate_updates(updates)
+    modules = [compress_module(validated, n, validated.included) for n in validated.module_names]
+    cores = [stacking_core(module) for module in modules]
+    assert all(core.matrix.shape == (96, 96) for core in cores)
+    owners = [module.block_owner for module in modules]
+    results = {
+        svd: block_outlier_pursuit(cores, owners, 12, svd=svd, generator=torch.Generator())
+        for svd in ("full", "auto")
+    }
+    full, certified = results["full"], results["auto"]
+    assert counts["certified"] >= counts["tried"] // 2 > 0, counts
+    assert certified.low_rank_ranks == full.low_rank_ranks
+    assert certified.iterations == full.iterations and certified.lam == full.lam
+    torch.testing.assert_close(certified.sparse_fraction, full.sparse_fraction, atol=1e-6, rtol=0)
+    for got, expected in zip(
+        certified.low_rank + certified.sparse, full.low_rank + full.sparse, strict=True
+    ):
+        torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+    aggregated = clair_aggregate(updates)
+    monkeypatch.setattr(decomposition._SvtState, "_certified_svd", lambda *args: None)
+    textbook = clair_aggregate(updates)
+    assert aggregated.contaminated == textbook.contaminated
+    assert aggregated.contaminated[0] and aggregated.contaminated[5]
+    assert aggregated.diagnostics["low_rank_ranks"] == textbook.diagnostics["low_rank_ranks"]
+    torch.testing.assert_close(
+        torch.tensor(aggregated.scores), torch.tensor(textbook.scores), atol=1e-4, rtol=1e-4
+    )
+    for got, expected in zip(aggregated.refined, textbook.refined, strict=True):
+        for name, (b, a) in got.items():
+            b_ref, a_ref = expected[name]
+            torch.testing.assert_close(b @ a, b_ref @ a_ref, atol=1e-6, rtol=1e-5)

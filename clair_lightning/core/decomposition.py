@@ -19,13 +19,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .compression import StackingCore
+from .compression import StackingCore, _symmetric_gram
 
 Formulation = Literal["exact", "stable"]
 
-# Cores up to this size use a full SVD per iteration; larger ones a warm-started randomized one.
+# Cores up to this size use a certified warm-started subspace iteration (full SVD when its
+# certificate fails); larger ones a warm-started randomized SVD.
 _FULL_SVD_MAX_SIZE = 256
 _OVERSAMPLING = 10
+# Below this size (or at the first iteration) a full SVD is as cheap as the certificate.
+_CERTIFIED_MIN_SIZE = 64
+_CERTIFIED_EXTRA = 8
+_CERTIFIED_SWEEPS = 6
 
 
 @dataclass(frozen=True)
@@ -219,8 +224,10 @@ def _fista(
 class _SvtState:
     """Singular-value thresholding per module, warm-started across iterations.
 
-    Small cores get a full SVD. Large ones get a randomized SVD whose sketch starts from the
-    previous iteration's right singular vectors and whose width follows the predicted rank
+    Cores up to ``_FULL_SVD_MAX_SIZE`` get the exact thresholding: a certified subspace
+    iteration started from the previous iteration's right singular vectors (``_certified_svd``),
+    or a full SVD where its certificate fails. Larger ones get a randomized SVD whose sketch
+    starts from the previous right singular vectors and whose width follows the predicted rank
     (PROPACK-style), widening until the smallest computed value falls below the threshold.
     """
 
@@ -234,15 +241,80 @@ class _SvtState:
         self, module: int, matrix: Tensor, tau: float, out: Tensor | None = None
     ) -> Tensor:
         """``D_τ(matrix)``, written into ``out`` when given (it may be ``matrix`` itself)."""
-        if self._full or min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
+        certified = None
+        if not self._full and min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
+            certified = self._certified_svd(module, matrix, tau)
+        if certified is not None:
+            u, s, vh = certified
+        elif self._full or min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         else:
             u, s, vh = self._partial_svd(module, matrix, tau)
         kept = int((s > tau).sum())
         self.ranks[module] = kept
+        if certified is None and not self._full and min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
+            self._bases[module] = vh[: kept + _CERTIFIED_EXTRA + 1].T
         if kept == 0:
             return torch.zeros_like(matrix) if out is None else out.zero_()
         return torch.matmul(u[:, :kept] * (s[:kept] - tau), vh[:kept], out=out)
+
+    def _certified_svd(
+        self, module: int, matrix: Tensor, tau: float
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Every singular triplet of ``matrix`` above ``τ``, proven complete, or ``None``.
+
+        Subspace iteration in float64 on the previous iteration's right singular vectors, with
+        Rayleigh–Ritz, until the Ritz residual ``R = MᵀU_k − V_k S_k`` of the ``k`` Ritz values
+        above ``τ`` is below ``4ε‖M‖_F`` of the working precision. Then ``M`` is, in the bases
+        ``[U_k U_⊥]``, ``[V_k V_⊥]``, block triangular ``[[S_k, R'], [0, M₂₂]]`` with
+        ``‖R'‖_F ≤ ‖R‖_F``. The certificate is a Cholesky factorisation of
+        ``τ²I − FFᵀ`` for ``F = M(I − V_kV_kᵀ)`` (``FFᵀ = MMᵀ − (MV_k)(MV_k)ᵀ``, float64): it
+        succeeds only if ``‖F‖₂ < τ``, so ``σ_{k+1}(M) < τ`` while ``σ_i(M) ≥ s_i > τ`` for
+        ``i ≤ k`` (interlacing): the kept rank is exactly the full SVD's. As ``D_τ`` is
+        non-expansive and ``D_τ`` of the block-diagonal part is ``U_k(S_k − τ)V_kᵀ``, the result
+        is within ``‖R‖_F`` of the exact ``D_τ(M)``, below the rounding of ``M`` itself.
+        """
+        previous = self._bases[module]
+        rows, cols = matrix.shape
+        if previous is None or rows > cols or cols < _CERTIFIED_MIN_SIZE:
+            return None
+        width = self.ranks[module] + _CERTIFIED_EXTRA + 1
+        if 2 * width > cols:
+            return None
+        wide = matrix.to(torch.float64)
+        frobenius = float(torch.linalg.vector_norm(wide))
+        tolerance = 4.0 * torch.finfo(matrix.dtype).eps * frobenius
+        basis = previous.to(torch.float64)
+        if basis.shape[1] != width:
+            # Own seed: the shared generator's stream (the subspace sketches) stays as it was.
+            seeded = torch.Generator(device=wide.device).manual_seed(width)
+            missing = max(width - basis.shape[1], 0)
+            extra = torch.randn(
+                cols, missing, dtype=wide.dtype, device=wide.device, generator=seeded
+            )
+            basis = torch.linalg.qr(torch.cat([basis[:, :width], extra], dim=1))[0]
+        for _ in range(_CERTIFIED_SWEEPS):
+            image = wide @ basis
+            # Rayleigh–Ritz through the small Gram: float64 resolves singular values down to
+            # 1e-7 of the largest, far below any threshold the ALM reaches.
+            values, rotation = torch.linalg.eigh(image.T @ image)
+            singular, rotation = values.flip(0).clamp_min(0).sqrt(), rotation.flip(1)
+            kept = int((singular > tau).sum())
+            if kept == width:
+                return None
+            right = basis @ rotation
+            kept_image = image @ rotation[:, :kept]  # M V_k = U_k S_k
+            back = (image.T @ wide).T  # Mᵀ M basis
+            top = singular[:kept]
+            residual = (back @ rotation[:, :kept]) / top - right[:, :kept] * top
+            if float(torch.linalg.vector_norm(residual)) <= tolerance:
+                if not _spectral_norm_below(wide, kept_image, tau):
+                    return None
+                self._bases[module] = right.to(matrix.dtype)
+                left = (kept_image / top).to(matrix.dtype)
+                return left, top.to(matrix.dtype), self._bases[module][:, :kept].T
+            basis = torch.linalg.qr(back)[0]
+        return None
 
     def _partial_svd(
         self, module: int, matrix: Tensor, tau: float
@@ -282,6 +354,23 @@ class _SvtState:
         u_small = eigenvectors[:, order]
         vh = (u_small.T @ projected) / singular.clamp_min(singular[0] * 1e-12)[:, None]
         return range_basis @ u_small, singular, vh
+
+
+def _spectral_norm_below(matrix: Tensor, image: Tensor, tau: float) -> bool:
+    """Whether ``‖M(I − VVᵀ)‖₂ < τ`` for orthonormal ``V`` with ``image = MV`` (float64).
+
+    Cholesky of ``(τ² − δ)I − (MMᵀ − image imageᵀ)`` succeeds only for a positive definite
+    matrix; ``δ`` covers the float64 rounding of the Gram and of the factorisation.
+    """
+    gram = _symmetric_gram(matrix)
+    size = gram.shape[0]
+    slack = 16.0 * (size + 1) * torch.finfo(torch.float64).eps * (float(gram.trace()) + tau**2)
+    if image.shape[1]:
+        gram = gram - image @ image.T
+    if tau**2 <= slack:
+        return False
+    shifted = torch.diag_embed(gram.new_full((size,), tau**2 - slack)) - gram
+    return int(torch.linalg.cholesky_ex(shifted)[1]) == 0
 
 
 def _shrink_factors(
