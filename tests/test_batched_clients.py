@@ -28,8 +28,12 @@ def _batch(length: int, real_lengths: list[int], generator) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_grouped_pass_gives_each_client_the_loss_and_gradient_of_its_own_pass(checkpointing):
+@pytest.mark.parametrize(
+    ("checkpointing", "packing"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_grouped_pass_gives_each_client_the_loss_and_gradient_of_its_own_pass(
+    checkpointing, packing
+):
     torch.manual_seed(0)
     module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=4, lora_rank=4)
     if checkpointing:  # the forward is re-run inside backward: the grouped terms must be too
@@ -56,9 +60,12 @@ def test_grouped_pass_gives_each_client_the_loss_and_gradient_of_its_own_pass(ch
         expected_gradients.append([p.grad.clone() for p in module.client_parameters(client)])
 
     module.model.zero_grad(set_to_none=True)
-    with grouped_lora(module.model, [adapter_name(k) for k in clients]):
-        steps = grouped_completion_steps(module.model, batches)
+    with grouped_lora(module.model, [adapter_name(k) for k in clients]) as packed:
+        steps = grouped_completion_steps(module.model, batches, packed if packing else None)
         torch.stack([step.loss for step in steps]).sum().backward()
+    if packing:  # 9 sequences, 80 tokens: 8 rows of 12 (first fit decreasing: 7 + 5 share one)
+        assert packed.order is not None and sorted(packed.order.tolist()) == list(range(8 * 12))
+        assert packed.counts == [47, 22, 27]  # the first client's 31 tokens and 16 of padding
 
     torch.testing.assert_close(torch.stack([s.loss for s in steps]), torch.stack(expected_losses))
     for client, expected in zip(clients, expected_gradients, strict=True):
@@ -96,21 +103,23 @@ def _summary(tmp_path, overrides=()):
     return folder, json.loads((folder / "summary.json").read_text())
 
 
+@pytest.mark.parametrize("packing", [False, True])
 def test_federation_in_groups_gives_the_flags_metrics_and_adapters_of_one_at_a_time(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, packing
 ):
     groups = []
 
-    def counted(model, batches):
-        groups.append([int(b["client"]) for b in batches])
-        return grouped_completion_steps(model, batches)
+    def counted(model, batches, packed):
+        groups.append(([int(b["client"]) for b in batches], packed is not None))
+        return grouped_completion_steps(model, batches, packed)
 
     single_folder, single = _summary(tmp_path / "single")
     monkeypatch.setattr(federation_module, "grouped_completion_steps", counted)
-    grouped_folder, grouped = _summary(tmp_path / "grouped", ["--model.client_group_size", "3"])
+    options = ["--model.client_group_size", "3", "--model.pack_client_groups", str(packing)]
+    grouped_folder, grouped = _summary(tmp_path / "grouped", options)
 
     # 4 clients in groups (0, 1, 2) and (3,): 2 rounds x 3 local steps of the group of three
-    assert groups == [[0, 1, 2]] * 6
+    assert groups == [([0, 1, 2], packing)] * 6
     assert len(single["rounds"]) == len(grouped["rounds"]) == 2
     for ours, theirs in zip(grouped["rounds"], single["rounds"], strict=True):
         assert ours["detection"] == pytest.approx(theirs["detection"], abs=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
@@ -22,25 +23,45 @@ from .adapters import lora_layers
 from .task import StepOutput, step_output, token_statistics
 
 
-def _add_grouped_terms(layer, args, output: Tensor, adapters: Sequence[str]) -> Tensor:
+@dataclass
+class PackedTokens:
+    """Which client each token of a packed group pass belongs to, for the LoRA hooks: ``order``
+    lists the flattened tokens client by client, ``counts`` how many each client has."""
+
+    order: Tensor | None = None
+    counts: list[int] = field(default_factory=list)
+
+
+def _add_grouped_terms(
+    layer, args, output: Tensor, adapters: Sequence[str], packed: PackedTokens
+) -> Tensor:
     a = torch.stack([layer.lora_A[name].weight for name in adapters])  # (K, r, d_in)
-    b = torch.stack([layer.lora_B[name].weight for name in adapters])  # (K, d_out, r)
+    b = torch.stack([layer.lora_B[name].weight for name in adapters]) * layer.scaling[adapters[0]]
     x = layer.lora_dropout[adapters[0]](args[0].to(a.dtype))
-    groups = x.reshape(len(adapters), -1, x.shape[-1])
-    delta = torch.bmm(torch.bmm(groups, a.mT), b.mT * layer.scaling[adapters[0]])
+    if packed.order is None:  # equal contiguous blocks, one per client
+        groups = x.reshape(len(adapters), -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(groups, a.mT), b.mT)
+    else:  # sort the tokens by client, one product per client, and put them back
+        own = x.reshape(-1, x.shape[-1])[packed.order].split(packed.counts)
+        by_client = torch.cat(
+            [x_k @ a_k.T @ b_k.T for x_k, a_k, b_k in zip(own, a, b, strict=True)]
+        )
+        delta = torch.empty_like(by_client).index_copy(0, packed.order, by_client)
     return output + delta.reshape(output.shape).to(output.dtype)
 
 
 @contextlib.contextmanager
-def grouped_lora(model: PeftModel, adapters: Sequence[str]) -> Iterator[None]:
+def grouped_lora(model: PeftModel, adapters: Sequence[str]) -> Iterator[PackedTokens]:
     """Inside, a forward of the concatenated batches of ``adapters`` (equal row counts, in that
     order) trains each adapter on its own rows; on exit ``adapters[0]`` is the active one.
     Backward belongs inside too: on exit only ``adapters[0]`` requires gradients, and gradient
-    checkpointing re-runs the forward during backward."""
+    checkpointing re-runs the forward during backward. What it yields is filled in by
+    ``grouped_completion_steps(..., packed=)`` when the sequences are packed."""
     layers = list(lora_layers(model).values())
     for layer in layers:
         if len({layer.scaling[name] for name in adapters}) != 1:
             raise ValueError("grouped clients need one LoRA scaling (lora_alpha / rank)")
+    packed = PackedTokens()
     handles = []
     try:
         for layer in layers:
@@ -48,9 +69,9 @@ def grouped_lora(model: PeftModel, adapters: Sequence[str]) -> Iterator[None]:
             for name in adapters:
                 layer.lora_A[name].weight.requires_grad_(True)
                 layer.lora_B[name].weight.requires_grad_(True)
-            hook = functools.partial(_add_grouped_terms, adapters=adapters)
+            hook = functools.partial(_add_grouped_terms, adapters=adapters, packed=packed)
             handles.append(layer.register_forward_hook(hook))
-        yield
+        yield packed
     finally:
         for handle in handles:
             handle.remove()
@@ -58,14 +79,15 @@ def grouped_lora(model: PeftModel, adapters: Sequence[str]) -> Iterator[None]:
 
 
 def grouped_completion_steps(
-    model: PeftModel, batches: Sequence[dict[str, Tensor]]
+    model: PeftModel, batches: Sequence[dict[str, Tensor]], packed: PackedTokens | None = None
 ) -> list[StepOutput]:
     """``completion_step`` of each batch through its adapter, all in one forward pass (inside
     ``grouped_lora`` of the batches' adapters, in the same order).
 
     Batches shorter than the longest are right-padded (attention mask 0, label -100); under
     causal attention the padding changes nothing for the real positions, and each batch's
-    statistics are taken on its own positions only.
+    statistics are taken on its own positions only. With ``packed`` (what ``grouped_lora``
+    yields) the real tokens of every sequence are packed instead (``pack_sequences``).
     """
     counts = {len(batch["input_ids"]) for batch in batches}
     if len(counts) != 1:
@@ -76,13 +98,78 @@ def grouped_completion_steps(
         tensor = batch[key] if key in batch else torch.ones_like(batch["input_ids"])
         return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
-    logits = model(
-        input_ids=torch.cat([padded(batch, "input_ids", 0) for batch in batches]),
-        attention_mask=torch.cat([padded(batch, "attention_mask", 0) for batch in batches]),
-    ).logits
+    input_ids = torch.cat([padded(batch, "input_ids", 0) for batch in batches])
+    attention_mask = torch.cat([padded(batch, "attention_mask", 0) for batch in batches])
     labels = torch.cat([padded(batch, "labels", -100) for batch in batches])
+    if packed is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        statistics = token_statistics(logits, labels)
+    else:
+        packed.counts = [0] * len(batches)
+        rows_per_client = len(batches[0]["input_ids"])
+        statistics = _packed_statistics(
+            model, input_ids, attention_mask, labels, rows_per_client, packed
+        )
     # One pass over the group's logits, then each client's rows: slicing the logits per client
     # would make backward fill and add a zero gradient of all the logits once per client.
     rows = [len(batch["input_ids"]) for batch in batches]
-    per_client = (part.split(rows) for part in token_statistics(logits, labels))
+    per_client = (part.split(rows) for part in statistics)
     return [step_output(*own) for own in zip(*per_client, strict=True)]
+
+
+def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Sequences (by index) into rows of at most ``capacity`` tokens, first fit by decreasing
+    length: the group's rows hold little more than its real tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def _packed_statistics(
+    model: PeftModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    rows_per_client: int,
+    packed: PackedTokens,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``token_statistics`` of the padded group, computed on its sequences packed into rows of
+    the longest length; position ids restart at each sequence, which makes the model's
+    attention block-diagonal (no sequence sees another), and the first token of each sequence
+    is no target (unpacked, nothing predicts it)."""
+    total_rows, length = input_ids.shape
+    lengths = attention_mask.sum(1)
+    if not torch.equal(attention_mask.bool(), torch.arange(length) < lengths[:, None]):
+        raise ValueError("packing clients' sequences needs right-padded rows (mask 1 then 0)")
+    layout = pack_sequences(lengths.tolist(), length)
+    packed_ids = torch.zeros(len(layout), length, dtype=input_ids.dtype)
+    packed_labels = torch.full_like(packed_ids, -100)
+    positions = torch.zeros_like(packed_ids)
+    owner = torch.zeros_like(packed_ids)  # padding goes with client 0: no loss depends on it
+    source = torch.full((total_rows, length - 1), -1)  # where each padded target went, shifted
+    for row, sequences in enumerate(layout):
+        offset = 0
+        for sequence in sequences:
+            n = int(lengths[sequence])
+            packed_ids[row, offset : offset + n] = input_ids[sequence, :n]
+            packed_labels[row, offset + 1 : offset + n] = labels[sequence, 1:n]
+            positions[row, offset : offset + n] = torch.arange(n)
+            owner[row, offset : offset + n] = sequence // rows_per_client
+            source[sequence, : n - 1] = row * (length - 1) + offset + torch.arange(n - 1)
+            offset += n
+        positions[row, offset:] = torch.arange(length - offset)  # padding: a segment of its own
+    packed.order = torch.argsort(owner.flatten(), stable=True)
+    packed.counts = torch.bincount(owner.flatten(), minlength=len(packed.counts)).tolist()
+    logits = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits
+    blank = source < 0
+    return tuple(
+        torch.where(blank, torch.zeros((), dtype=part.dtype), part.flatten()[source.clamp_min(0)])
+        for part in token_statistics(logits, packed_labels)
+    )

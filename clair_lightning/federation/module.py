@@ -42,9 +42,9 @@ class FederatedLoRAModule(pl.LightningModule):
 
     ``client_group_size``: clients stepped together through one forward/backward of the base
     (the data module serves their batches side by side). 1, the default, steps them one at a
-    time. Groups pay off where per-operation overhead dominates (the tiny text-copy base on a
-    CPU), barely on SmolLM2 on a CPU, and hold a group's activations at once
-    (benchmarks/README.md, "Batched clients").
+    time. ``pack_client_groups`` packs a group's sequences into rows without their padding
+    (position ids restart per sequence; the base's attention must honour that, as transformers'
+    Llama-family models do). Measured in benchmarks/README.md, "Batched clients".
     """
 
     def __init__(
@@ -61,6 +61,7 @@ class FederatedLoRAModule(pl.LightningModule):
         lr_schedule: LrSchedule = "constant",
         warmup_steps: int = 0,
         client_group_size: int = 1,
+        pack_client_groups: bool = False,
     ):
         super().__init__()
         if num_clients < 2:
@@ -154,8 +155,10 @@ class FederatedLoRAModule(pl.LightningModule):
             losses = [completion_step(self.model, batches[0]).loss]
             self.manual_backward(losses[0])
         else:
-            with grouped_lora(self.model, [adapter_name(k) for k in clients]):
-                losses = [step.loss for step in grouped_completion_steps(self.model, batches)]
+            with grouped_lora(self.model, [adapter_name(k) for k in clients]) as packed:
+                packing = packed if self.hparams.pack_client_groups else None
+                steps = grouped_completion_steps(self.model, batches, packing)
+                losses = [step.loss for step in steps]
                 self.manual_backward(torch.stack(losses).sum())
         for client in clients:
             if self.hparams.max_grad_norm:
