@@ -241,19 +241,23 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     values = torch.cat([torch.linspace(5.0, 2.0, 6), 0.5 * torch.rand(n - 6, generator=generator)])
     values = values.to(torch.float64)
     solver = decomposition._SvtState(1, None)
-    first = (left * values) @ right.T
+    first = ((left * values) @ right.T).float()  # float64 cores keep the full SVD
     solver.threshold(0, first, tau)  # full SVD, stores the warm basis
     solver.threshold(0, first, tau)
     assert counts == {"certified": 1, "tried": 2} and solver.ranks == [6]
     # The warm basis holds the top 6 + 9 right vectors; give a direction outside it 1.5 τ.
     values[-1] = 1.5
-    second = (left * values) @ right.T
+    second = ((left * values) @ right.T).float()
     thresholded = solver.threshold(0, second, tau)
-    # The warm iteration converges at once (the basis is invariant); only the certificate fails.
+    # The warm iteration converges (the basis is invariant up to rounding); the certificate fails.
     assert verdicts == [True, False]
     assert counts == {"certified": 1, "tried": 3} and solver.ranks == [7]
     u, s, vh = torch.linalg.svd(second)
-    torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh)
+    torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh, atol=1e-5, rtol=0)
+    double = decomposition._SvtState(1, None)
+    for _ in range(2):
+        double.threshold(0, second.double(), tau)
+    assert counts["tried"] == 5 and counts["certified"] == 1  # float64: always the full SVD
 
 
 def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
