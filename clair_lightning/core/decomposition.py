@@ -224,9 +224,9 @@ def _fista(
 class _SvtState:
     """Singular-value thresholding per module, warm-started across iterations.
 
-    Cores up to ``_FULL_SVD_MAX_SIZE`` get the exact thresholding: for float32 (and narrower)
-    cores a certified subspace iteration started from the previous iteration's right singular
-    vectors (``_certified_svd``), a full SVD where its certificate fails and for float64 cores.
+    Cores up to ``_FULL_SVD_MAX_SIZE`` get the exact thresholding: for float32 cores a certified
+    subspace iteration started from the previous iteration's right singular vectors
+    (``_certified_svd``), a full SVD where its certificate fails and for other dtypes.
     Larger ones get a randomized SVD whose sketch starts from the previous right singular
     vectors and whose width follows the predicted rank
     (PROPACK-style), widening until the smallest computed value falls below the threshold.
@@ -279,7 +279,7 @@ class _SvtState:
         rows, cols = matrix.shape
         if previous is None or rows > cols or cols < _CERTIFIED_MIN_SIZE:
             return None
-        if matrix.dtype == torch.float64:  # float64 arithmetic cannot reach its tolerance
+        if matrix.dtype != torch.float32:  # float64 arithmetic cannot reach a float64 tolerance
             return None
         width = self.ranks[module] + _CERTIFIED_EXTRA + 1
         if 2 * width > cols:
