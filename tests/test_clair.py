@@ -83,18 +83,19 @@ def test_no_false_positives_on_heterogeneous_benign_clients(num_clients):
 
 
 @pytest.mark.parametrize("heterogeneity", [0.5, 1.0])
-def test_false_positive_rate_stays_small_under_strong_heterogeneity(heterogeneity):
-    """As heterogeneous as the shared part itself, a benign client can be as misaligned as a
-    contaminated one; the rate stays at about one percent (measured 0–1.6% over 10–40 clients)."""
-    flagged = total = 0
+def test_no_false_positives_up_to_heterogeneity_one(heterogeneity):
+    """As heterogeneous as the shared part itself, a benign client's cosine to the centre can
+    be as small as a contaminated one's; the direction check also needs the component that
+    makes it small to be atypical, so nobody is flagged (10 clients, the smallest federation
+    of benchmarks/false_positives.py)."""
+    flagged = 0
     for seed in range(15):
         generator = torch.Generator().manual_seed(seed)
         federation = synthetic_federation(
             10, heterogeneity=heterogeneity, noise=0.1, generator=generator
         )
         flagged += sum(clair_aggregate(federation.updates).contaminated)
-        total += 10
-    assert flagged / total <= 0.03
+    assert flagged == 0
 
 
 def test_updates_orthogonal_to_the_consensus_inside_the_subspace_are_flagged():

@@ -1,9 +1,10 @@
-"""Collusion evidence on small cases: who is flagged, who is not, and why."""
+"""Collusion evidence and the direction check on small cases: who is flagged and why."""
 
 import torch
 
 from clair_lightning import clair_aggregate
 from clair_lightning.core.attacks import contaminate
+from clair_lightning.core.detection import direction_scores, robust_z
 from clair_lightning.core.synthetic import synthetic_federation
 from clair_lightning.recipes.linear_regression.data import make_federation
 
@@ -166,3 +167,46 @@ def test_a_cluster_carrying_a_direction_weakly_is_not_flagged():
     assert max(result.score_components["support_z"]) == 0.0
     strong = contaminate(federation.updates, cluster, "rank1_off_subspace", energy=0.5)
     assert clair_aggregate(strong).contaminated == cluster
+
+
+def test_a_benign_cosine_near_zero_is_not_flagged_when_its_components_are_typical():
+    """Heterogeneity as large as the shared part: benign client 0's component along the centre
+    is a plain 3σ draw, so its cosine is near 0 (robust z above the threshold). Neither
+    component is beyond the threshold, so it is left alone; a sign flip is flagged."""
+    federation = synthetic_federation(
+        K, heterogeneity=1.0, noise=0.0, generator=torch.Generator().manual_seed(3)
+    )
+    result = clair_aggregate(federation.updates)
+    components = result.score_components
+    cosine_z = robust_z(
+        torch.tensor(components["direction_distance"]), torch.ones(K, dtype=torch.bool), 0.075
+    )
+    assert float(cosine_z[0]) > THRESHOLD
+    assert components["direction_z"][0] < THRESHOLD
+    assert not any(result.contaminated)
+
+    flipped = [dict(update) for update in federation.updates]
+    flipped[5] = {name: (-b, a) for name, (b, a) in flipped[5].items()}
+    result = clair_aggregate(flipped)
+    assert [k for k in range(K) if result.contaminated[k]] == [5]
+
+
+def test_a_large_contaminated_share_does_not_hide_in_the_spread_it_widens():
+    """Six of 20 regression clients fit shuffled targets: inside the subspace, cosine near 0.
+    Scored against everyone their spread hides them (z below the threshold); the centre and
+    scales re-estimated without the clients beyond the threshold find them all."""
+    federation = make_federation(
+        contamination="shuffled_targets", contaminated_fraction=0.3, seed=1
+    )
+    contaminated = torch.tensor(federation.contaminated)
+    coefficients = torch.stack([federation.subspace.T @ e for e in federation.estimates])
+    gram = coefficients.flatten(1) @ coefficients.flatten(1).T
+    everyone, weights = torch.ones(K, dtype=torch.bool), torch.ones(K, dtype=torch.float64)
+
+    *_, untrimmed = direction_scores(gram, everyone, weights, 0.075, float("inf"))
+    *_, trimmed = direction_scores(gram, everyone, weights, 0.075, THRESHOLD)
+    assert float(untrimmed[contaminated].max()) < THRESHOLD
+    assert float(trimmed[contaminated].min()) > THRESHOLD
+    assert float(trimmed[~contaminated].max()) < THRESHOLD
+    result = clair_aggregate(federation.updates, federation.sample_counts)
+    assert result.contaminated == federation.contaminated

@@ -22,7 +22,7 @@ from .compression import (
     stacking_gram,
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
-from .detection import centre_distance, direction_distance, near_duplicate_groups, robust_z
+from .detection import centre_distance, direction_scores, near_duplicate_groups, robust_z
 from .factors import Split
 from .gram import compressed_product_gram
 from .refinement import ModuleRefinement, consensus, module_refinement, refine, refined_at_rank
@@ -77,7 +77,9 @@ def clair_aggregate(
             heterogeneity, 0.72 → 0.53).
         checks: statistics that may flag: ``off_subspace`` (share of the update outside the
             shared low-rank part), ``direction`` (1 − cosine to the robust centre of the
-            in-subspace coefficients),
+            in-subspace coefficients, when the component along the centre is also too small
+            or the one orthogonal to it too large: the cosine, a ratio, has heavy benign
+            tails; centre and scales re-estimated without the clients beyond the threshold),
             ``norm`` (log of the update norm, two-sided),
             ``collusion`` (a group of near-identical clients, flagged only when
             measured against everyone else it also leaves their subspace or is too typical),
@@ -88,7 +90,8 @@ def clair_aggregate(
         off_subspace_floor, direction_floor, norm_floor: smallest scale of each robust z-score,
             so near-identical benign clients are not flagged for tiny deviations: with the
             default threshold a direction flag needs a cosine at least 0.34 below the typical
-            client's, a norm flag a norm at least 3x off the median.
+            client's (and a component off by 0.34 of the centre's norm), a norm flag a norm
+            at least 3x off the median.
         collusion_floor: smallest scale (log units) of the closeness z-score: a group needs
             nearest neighbours about 10x closer than the typical client's.
         typical_floor: smallest scale (log units) of the "too typical" z-score of a group's
@@ -152,8 +155,9 @@ def clair_aggregate(
 
     coefficient_gram, log_norm = _within_subspace_statistics(validated, modules, subspaces)
     client_weights = validated.weights[clients]
-    direction = direction_distance(coefficient_gram, reference & independent, client_weights)
-    direction_z = robust_z(direction, reference & independent, direction_floor)
+    direction, projection, direction_z = direction_scores(
+        coefficient_gram, reference & independent, client_weights, direction_floor, threshold
+    )
     norm_z = robust_z(log_norm, reference & independent, norm_floor)
     statistics = {"off_subspace": off_z, "direction": direction_z, "norm": norm_z.abs()}
     flags = flags | ("norm" in checks) & (norm_z.abs() > threshold)
@@ -201,6 +205,7 @@ def clair_aggregate(
         "off_subspace_z": off_z,
         "direction_distance": direction,
         "direction_z": direction_z,
+        "consensus_projection": projection,
         "log_relative_norm": log_norm,
         "norm_z": norm_z,
         "closeness_z": closeness_z,

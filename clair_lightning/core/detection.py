@@ -15,6 +15,7 @@ from .gram import geometric_median_coefficients, squared_distances
 
 MAD_TO_STD = 1.4826
 _SMALLEST_GROUP = 2
+_MAX_TRIMMING_ROUNDS = 5
 
 
 def robust_z(values: Tensor, reference: Tensor, floor: float) -> Tensor:
@@ -80,19 +81,52 @@ def centre_distance(gram: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
     return squared.clamp_min(0).sqrt() / gram.diagonal().clamp_min(1e-300).sqrt()
 
 
-def direction_distance(gram: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
-    """``1 − cos`` between each vector and the robust centre of the reference vectors (0 … 2).
+def direction_scores(
+    gram: Tensor, reference: Tensor, weights: Tensor, floor: float, threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``1 − cos`` to the robust centre ``c`` of the reference vectors, the projection
+    ``⟨Θ_k, c⟩ / ‖c‖²``, and the direction z-score.
 
-    Works on the Gram matrix of the vectors. Catches sign-flipped, inner-product-manipulated or
-    projected updates inside the shared subspace, where the column-space decomposition is blind.
+    Works on the Gram matrix of the vectors. A small cosine catches sign-flipped,
+    inner-product-manipulated or projected updates inside the shared subspace, where the
+    column-space decomposition is blind. The cosine is a ratio of the component along ``c``
+    and the component orthogonal to it; each is light-tailed over benign clients, their ratio
+    is not (a benign client whose component along ``c`` is a plain 3σ draw can have a cosine
+    near 0). The direction z-score is therefore the cosine's robust z-score capped by the
+    larger of those of the two components (along ``c`` too small, orthogonal too large, both
+    in units of ``‖c‖``): a flag needs the cosine *and* the component that makes it small to
+    be beyond the threshold. The centre and the scales are re-estimated without the clients
+    whose cosine is beyond ``threshold`` until that set is stable, so a large contaminated
+    share does not widen the benign spread and hide itself. ``floor`` is the smallest scale of
+    every z-score.
     """
+    trimmed = reference
+    for _ in range(_MAX_TRIMMING_ROUNDS):
+        distance, along, across = _components(gram, trimmed, weights)
+        distance_z = robust_z(distance, trimmed, floor)
+        kept = reference & (distance_z <= threshold)
+        if torch.equal(kept, trimmed):
+            break
+        trimmed = kept
+    else:
+        distance, along, across = _components(gram, trimmed, weights)
+        distance_z = robust_z(distance, trimmed, floor)
+    component_z = torch.maximum(robust_z(-along, trimmed, floor), robust_z(across, trimmed, floor))
+    return distance, along, torch.minimum(distance_z, component_z)
+
+
+def _components(gram: Tensor, reference: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``1 − cos`` to the reference's robust centre ``c``, and each vector's components along
+    and orthogonal to ``c`` in units of ``‖c‖``."""
     reference_index = reference.nonzero().flatten()
-    coefficients = geometric_median_coefficients(
-        gram[reference_index][:, reference_index], weights[reference_index]
-    )
+    inner = gram[reference_index][:, reference_index]
+    coefficients = geometric_median_coefficients(inner, weights[reference_index])
     to_centre = gram[:, reference_index] @ coefficients
-    centre_norm = float(coefficients @ gram[reference_index][:, reference_index] @ coefficients)
-    if centre_norm <= 0:
-        return torch.zeros_like(to_centre)
-    norms = gram.diagonal().clamp_min(1e-300).sqrt()
-    return 1.0 - to_centre / (norms * centre_norm**0.5)
+    centre_square = float(coefficients @ inner @ coefficients)
+    if centre_square <= 0:
+        zeros = torch.zeros_like(to_centre)
+        return zeros, torch.ones_like(to_centre), zeros
+    squares = gram.diagonal().clamp_min(1e-300)
+    along = to_centre / centre_square
+    across = (squares / centre_square - along.square()).clamp_min(0).sqrt()
+    return 1.0 - to_centre / (squares * centre_square).sqrt(), along, across
