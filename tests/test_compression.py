@@ -9,6 +9,7 @@ from clair_lightning.core import decomposition
 from clair_lightning.core.compression import (
     StackingCore,
     compress_module,
+    row_basis_gram,
     stacking_core,
     stacking_gram,
 )
@@ -310,3 +311,28 @@ def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
         for name, (b, a) in got.items():
             b_ref, a_ref = expected[name]
             torch.testing.assert_close(b @ a, b_ref @ a_ref, atol=1e-6, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(federations(), st.booleans(), st.randoms(use_true_random=False))
+def test_row_basis_gram_gives_the_stacked_a_gram_of_any_clients(updates, repeat_a_row, random):
+    """The collusion check's row-basis Gram, kept for the write-back, gives the exact Gram of
+    any subset's stacked ``A`` (rank-deficient ``A`` and ``r > d_in`` included)."""
+    if repeat_a_row:
+        b, a = updates[0]["m"]
+        updates[0]["m"] = (b, torch.cat([a[:1], a[:1], a[2:]]) if len(a) > 1 else a)
+    validated = validate_updates(updates)
+    module = compress_module(validated, "m", validated.included)
+    basis_gram = row_basis_gram(validated, module)
+    clients = sorted(random.sample(validated.included, random.randint(1, len(updates))))
+    stacked_a = torch.cat([updates[k]["m"][1] for k in clients])
+    expected = stacked_a @ stacked_a.T
+    scale = float(expected.diagonal().max())
+    torch.testing.assert_close(
+        basis_gram.stacked_a_gram(clients), expected, atol=1e-9 * scale, rtol=1e-7
+    )
+    compressed = compressed_product_gram(validated, module, stacking_gram(module), basis_gram)
+    if stacking_gram(module) is not None:
+        formed_here = compressed_product_gram(validated, module, stacking_gram(module))
+        torch.testing.assert_close(compressed, formed_here, rtol=0, atol=0)
+

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from clair_lightning import clair_aggregate, refactorize
-from clair_lightning.core import RefinedUpdates
+from clair_lightning.core import RefinedUpdates, refinement
 from clair_lightning.core.baselines import fedavg
+from clair_lightning.core.compression import RowBasisGram
 from clair_lightning.core.factors import Refactorized
 from clair_lightning.core.refinement import module_refinement, refine, refined_at_rank
 from clair_lightning.core.result import at_rank
@@ -93,6 +94,43 @@ def test_refined_at_rank_equals_refactorizing_each_refined_update(
                 torch.testing.assert_close(
                     gram, torch.eye(len(gram), dtype=dtype), atol=1e-5, rtol=0
                 )
+
+
+@pytest.mark.parametrize("shared_a", [None, 1e-3, 0.0])
+def test_the_write_back_takes_its_row_basis_from_the_collusion_checks_gram(monkeypatch, shared_a):
+    """``at_rank`` forms no Gram of the stacked ``A`` (the collusion check's row-basis Gram
+    gives it), and the factors equal the straightforward path's, also where the row basis falls
+    back to float64 (nearly equal ``A``) or to an eigendecomposition (equal ``A``)."""
+    updates = _federation(12, 40, 80, 4, torch.float32, shared_a=shared_a)
+    result = clair_aggregate(updates)
+    validated = validate_updates(updates)
+    reused, formed = [], []
+    original_gram = RowBasisGram.stacked_a_gram
+    original_symmetric = refinement._symmetric_gram
+
+    def stacked_a_gram(self, clients):
+        reused.append(clients)
+        return original_gram(self, clients)
+
+    def symmetric_gram(rows):
+        formed.append((rows.shape, rows.dtype))
+        return original_symmetric(rows)
+
+    monkeypatch.setattr(RowBasisGram, "stacked_a_gram", stacked_a_gram)
+    monkeypatch.setattr(refinement, "_symmetric_gram", symmetric_gram)
+    streamed = dict(result.refined.at_rank(4))
+    collaborative = result.collaborative_set
+    assert reused == [collaborative] * len(streamed)
+    rows = 4 * len(collaborative)
+    float32_grams = [shape for shape, dtype in formed if dtype == torch.float32]
+    assert float32_grams == [(rows, 40)] * len(streamed)  # the off-subspace factors' Gram only
+    for name, received in streamed.items():
+        slow = _straightforward(
+            validated, name, result.subspaces[name], collaborative, 4, "balanced"
+        )
+        for k, reference in zip(collaborative, slow, strict=True):
+            product, expected = received[k].b @ received[k].a, reference.b @ reference.a
+            assert float((product - expected).norm() / expected.norm()) < 1e-5
 
 
 def test_refined_at_rank_in_client_groups_equals_all_at_once(monkeypatch):

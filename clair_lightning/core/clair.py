@@ -15,9 +15,11 @@ from torch import Tensor
 
 from .compression import (
     CompressedModule,
+    RowBasisGram,
     StackingCore,
     compress_module,
     numerical_floor,
+    row_basis_gram,
     stacking_core,
     stacking_gram,
 )
@@ -121,7 +123,9 @@ def clair_aggregate(
     generator = torch.Generator(device=validated.device).manual_seed(seed)
     timer.lap("validate")
 
-    modules, cores, products = _compress_all(validated, clients, "collusion" in checks, timer)
+    modules, cores, products, basis_grams = _compress_all(
+        validated, clients, "collusion" in checks, timer
+    )
     decomposition = block_outlier_pursuit(
         cores,
         [module.block_owner for module in modules],
@@ -195,7 +199,7 @@ def clair_aggregate(
     if not torch.equal(collaborative, reference):
         subspaces = subspace_estimator.to_ambient(subspace_estimator.estimate(collaborative))
     collaborative_set = [k for k, keep in zip(clients, collaborative.tolist(), strict=True) if keep]
-    pieces = _SharedRefinement(validated, subspaces, collaborative_set)
+    pieces = _SharedRefinement(validated, subspaces, collaborative_set, basis_grams)
     timer.lap("subspace_update")
 
     contaminated, client_scores = _per_client(validated, flags, scores)
@@ -423,14 +427,16 @@ def _settle_off_subspace_flags(
 
 def _compress_all(
     validated: ValidatedUpdates, clients: list[int], with_products: bool, timer: _StepTimer
-) -> tuple[list[CompressedModule], list[StackingCore], Tensor | None]:
+) -> tuple[list[CompressedModule], list[StackingCore], Tensor | None, dict[str, RowBasisGram]]:
     """Compressed modules and their cores, and the Gram of the exact products if wanted.
 
     One module at a time: its stacking and Gram live only until its core and its share of the
     product Gram are formed. Each module's products are scaled by its median client norm so
-    every module weighs alike.
+    every module weighs alike. The product Gram's row-basis Grams are kept (one ``Σr x Σr``
+    matrix per module): the write-back forms its row bases from them.
     """
     modules, cores = [], []
+    basis_grams: dict[str, RowBasisGram] = {}
     products = None
     if with_products:
         products = torch.zeros(
@@ -444,10 +450,14 @@ def _compress_all(
         modules.append(module)
         timer.lap("core")
         if products is not None:
+            if gram is not None:
+                basis_grams[name] = row_basis_gram(validated, module)
             scale = float(module.norms.median().clamp_min(1e-30))
-            products += compressed_product_gram(validated, module, gram) / scale**2
+            products += (
+                compressed_product_gram(validated, module, gram, basis_grams.get(name)) / scale**2
+            )
             timer.lap("collusion_groups")
-    return modules, cores, products
+    return modules, cores, products, basis_grams
 
 
 def _one_per_group(clients: Tensor, groups: list[Tensor]) -> Tensor:
@@ -567,10 +577,12 @@ class _SharedRefinement:
         validated: ValidatedUpdates,
         subspaces: dict[str, Tensor],
         collaborative_set: list[int],
+        basis_grams: dict[str, RowBasisGram],
     ):
         self._validated = validated
         self.subspaces = subspaces
         self.collaborative_set = collaborative_set
+        self.basis_grams = basis_grams
         self._pieces: dict[str, ModuleRefinement] | None = None
 
     @property
@@ -617,8 +629,15 @@ def _module_at_rank(
 
     def module_at_rank(name: str, rank: int, split: Split) -> list[AtRank]:
         collaborative = shared.collaborative_set
+        basis_gram = shared.basis_grams.get(name)
         refined = refined_at_rank(
-            validated, name, shared.subspaces[name], collaborative, rank, split
+            validated,
+            name,
+            shared.subspaces[name],
+            collaborative,
+            rank,
+            split,
+            None if basis_gram is None else basis_gram.stacked_a_gram(collaborative),
         )
         received: list[AtRank | None] = [None] * validated.num_clients
         for client, factors in zip(collaborative, refined, strict=True):

@@ -119,6 +119,54 @@ def row_space_basis(a: Tensor, factor: Tensor) -> Tensor:
     return torch.linalg.qr(a.T)[0].T
 
 
+@dataclass(frozen=True)
+class RowBasisGram:
+    """Gram of one module's client row bases ``Q_kᵀ`` (stacked in ``clients`` order, ``blocks``).
+
+    With ``A_k = R_kᵀ Q_kᵀ`` (``row_space_basis``), ``A_i A_jᵀ = R_iᵀ (Q_iᵀ Q_j) R_j``: the
+    collusion check forms this Gram anyway, and keeping it gives the write-back the Gram of any
+    clients' stacked ``A`` from ``r x r`` products instead of a ``Σr x Σr x d_in`` one.
+    """
+
+    gram: Tensor
+    clients: list[int]
+    blocks: list[slice]
+    row_factors: list[Tensor]
+
+    def stacked_a_gram(self, clients: list[int]) -> Tensor:
+        """Gram of ``torch.cat([A_k for k in clients])`` (``Σr x Σr``)."""
+        position = {client: i for i, client in enumerate(self.clients)}
+        chosen = [position[client] for client in clients]
+        device = self.gram.device
+        rows = torch.cat(
+            [torch.arange(self.blocks[i].start, self.blocks[i].stop, device=device) for i in chosen]
+        )
+        selected = self.gram[rows[:, None], rows[None, :]]
+        widths = [self.blocks[i].stop - self.blocks[i].start for i in chosen]
+        column_blocks = selected.split(widths, dim=1)
+        right = torch.cat(
+            [part @ self.row_factors[i] for part, i in zip(column_blocks, chosen, strict=True)],
+            dim=1,
+        )
+        row_blocks = right.split(widths, dim=0)
+        return torch.cat(
+            [self.row_factors[i].T @ part for part, i in zip(row_blocks, chosen, strict=True)]
+        )
+
+
+def row_basis_gram(validated: ValidatedUpdates, module: CompressedModule) -> RowBasisGram:
+    """The module's ``RowBasisGram``: one triangle of the Gram of the stacked ``Q_kᵀ``."""
+    bases = torch.cat(
+        [
+            row_space_basis(validated.updates[k][module.name][1], factor)
+            for k, factor in zip(module.clients, module.row_factors, strict=True)
+        ]
+    )
+    return RowBasisGram(
+        _symmetric_gram(bases), list(module.clients), module.blocks, module.row_factors
+    )
+
+
 def _row_space_factor(a: Tensor) -> Tensor:
     """``R`` with ``RᵀR = A Aᵀ`` from a thin QR ``Aᵀ = Q R`` (``min(r, d_in) x r``)."""
     if a.shape[0] > a.shape[1]:

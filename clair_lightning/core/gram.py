@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .compression import CompressedModule, _symmetric_gram, row_space_basis
+from .compression import CompressedModule, RowBasisGram, row_basis_gram
 from .updates import ValidatedUpdates
 
 
@@ -32,26 +32,25 @@ def product_gram(
 
 
 def compressed_product_gram(
-    validated: ValidatedUpdates, module: CompressedModule, stacking_gram: Tensor | None
+    validated: ValidatedUpdates,
+    module: CompressedModule,
+    stacking_gram: Tensor | None,
+    basis_gram: RowBasisGram | None = None,
 ) -> Tensor:
     """One module's K' x K' Gram of products (float64), from the compression's own Gram.
 
     With ``B_k A_k = T_k Q_kᵀ`` (``compress_module``), ``⟨B_iA_i, B_jA_j⟩ = Σ (T_iᵀT_j) ⊙
     (Q_iᵀQ_j)``: the ``T`` Gram is the one the core was formed from (``stacking_gram``, blocks
-    at unit norm), so only the ``Q`` Gram is new work, one triangle instead of the two GEMMs
-    of the ``B`` and ``A`` Grams. ``stacking_gram=None`` (a short, wide stacking without a Gram)
-    takes the factors' Grams.
+    at unit norm), so only the ``Q`` Gram is new work (``basis_gram``, formed here when not
+    given), one triangle instead of the two GEMMs of the ``B`` and ``A`` Grams.
+    ``stacking_gram=None`` (a short, wide stacking without a Gram) takes the factors' Grams.
     """
     if stacking_gram is None:
         return _factors_product_gram([validated.updates[k][module.name] for k in module.clients])
+    if basis_gram is None:
+        basis_gram = row_basis_gram(validated, module)
     owner = module.block_owner
-    bases = torch.cat(
-        [
-            row_space_basis(validated.updates[k][module.name][1], factor)
-            for k, factor in zip(module.clients, module.row_factors, strict=True)
-        ]
-    )
-    unit = _blockwise_sums(stacking_gram * _symmetric_gram(bases), owner, len(module.clients))
+    unit = _blockwise_sums(stacking_gram * basis_gram.gram, owner, len(module.clients))
     norms = module.norms.to(torch.float64)
     return unit * norms[:, None] * norms[None, :]
 

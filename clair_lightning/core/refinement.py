@@ -66,6 +66,7 @@ def refined_at_rank(
     collaborative_set: list[int],
     rank: int,
     split: Split = "balanced",
+    stacked_a_gram: Tensor | None = None,
 ) -> list[Refactorized]:
     """Best rank-``rank`` factors of every collaborative client's refined update, one module.
 
@@ -79,6 +80,8 @@ def refined_at_rank(
     batched subspace iteration in float64 (to a residual of 1e-8 of the largest eigenvalue for
     float32 factors, 1e-10 for float64); the factors follow from
     three GEMMs over all clients at once. Peak memory is a few ``d x Σr`` blocks per module.
+    ``stacked_a_gram``, the Gram of the clients' stacked ``A`` when the caller has it
+    (``RowBasisGram``), saves forming it.
     """
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
@@ -96,7 +99,7 @@ def refined_at_rank(
     stacked_b = torch.cat([b for b, _ in factors], dim=1)
     inside = subspace.T @ stacked_b  # r_s x Σr: each client's Uᵀ B_k side by side
     off_b = (stacked_b - subspace @ inside) * column_weights
-    rows = _RowBasis(torch.cat([a for _, a in factors], dim=0))
+    rows = _RowBasis(torch.cat([a for _, a in factors], dim=0), stacked_a_gram)
     # H = NᵀN in row coordinates, from the Σr x Σr Gram of the off-subspace factors.
     shared = rows.coordinates.T @ _symmetric_gram(off_b.T) @ rows.coordinates
     shared_eigenvalues, shared_vectors = torch.linalg.eigh(shared)
@@ -160,17 +163,18 @@ class _RowBasis:
     working precision is used only when the factor's diagonal spans less than 10x (clients'
     ``A`` nearly independent), float64 otherwise (clients that started from one adapter have
     nearly equal ``A``). A Gram singular even in float64 takes an eigendecomposition that drops
-    the numerical null space.
+    the numerical null space. ``gram`` is ``S Sᵀ`` when the caller has it (working precision).
     """
 
-    def __init__(self, stacked_a: Tensor):
+    def __init__(self, stacked_a: Tensor, gram: Tensor | None = None):
         self._stacked = stacked_a
         self._lower: Tensor | None = None
         self._row_map: Tensor | None = None
         if stacked_a.shape[0] >= stacked_a.shape[1]:
             self.coordinates = stacked_a
             return
-        lower, info = torch.linalg.cholesky_ex(_symmetric_gram(stacked_a))
+        gram = _symmetric_gram(stacked_a) if gram is None else gram
+        lower, info = torch.linalg.cholesky_ex(gram)
         if _well_conditioned(lower, info, 0.1):
             self.coordinates = self._lower = lower
             return
