@@ -35,6 +35,9 @@ def test_update_norm_is_exact_and_does_not_overflow_float32():
     assert update_norm(update) == pytest.approx(dense**0.5, rel=1e-10)
     assert update_norm(_scaled(update, 1e20)) == pytest.approx(1e20 * dense**0.5, rel=1e-6)
     assert update_norm({name: (torch.zeros_like(b), a) for name, (b, a) in update.items()}) == 0
+    # float64 factors may hold squares beyond float64's range: they take the scaled path.
+    wide = {name: (b.double(), a.double()) for name, (b, a) in update.items()}
+    assert update_norm(_scaled(wide, 1e200)) == pytest.approx(1e200 * dense**0.5, rel=1e-10)
 
 
 def test_a_client_scaled_by_1e20_is_left_out_with_its_reason_and_the_rest_is_unchanged():

@@ -163,11 +163,18 @@ def validate_updates(
 def update_norm(update: Mapping[str, Sequence[Tensor]]) -> float:
     """``‖ΔW‖_F`` over all modules without forming ``B A`` and without overflow.
 
-    Each factor is divided by its largest entry first and the rest is computed in float64 from
-    the ``r x r`` Grams: ``‖B A‖² = tr(BᵀB · AAᵀ)``.
+    Computed in float64 from the ``r x r`` Grams: ``‖B A‖² = tr(BᵀB · AAᵀ)``. Factors of at most
+    float32 range (``|x| < 3.5e38``) cannot overflow or underflow there; wider ones (float64)
+    are divided by their largest entry first.
     """
     log_squares = []
     for b, a in update.values():
+        if b.dtype in _FLOAT32_RANGE and a.dtype in _FLOAT32_RANGE:
+            b_wide, a_wide = b.detach().to(torch.float64), a.detach().to(torch.float64)
+            trace = float(((b_wide.T @ b_wide) * (a_wide @ a_wide.T)).sum())
+            if trace > 0:
+                log_squares.append(math.log(trace))
+            continue
         b_scale = float(b.detach().abs().max())
         a_scale = float(a.detach().abs().max())
         if b_scale == 0 or a_scale == 0:
@@ -181,6 +188,9 @@ def update_norm(update: Mapping[str, Sequence[Tensor]]) -> float:
         return 0.0
     largest = max(log_squares)
     return math.exp(0.5 * (largest + math.log(sum(math.exp(x - largest) for x in log_squares))))
+
+
+_FLOAT32_RANGE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _absurd_norms(norms: Tensor, excluded: dict[int, str]) -> dict[int, str]:
