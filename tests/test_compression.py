@@ -9,6 +9,7 @@ from clair_lightning.core import decomposition
 from clair_lightning.core.compression import (
     StackingCore,
     compress_module,
+    compress_with_gram,
     row_basis_gram,
     stacking_core,
     stacking_gram,
@@ -335,6 +336,11 @@ def test_row_basis_gram_gives_the_stacked_a_gram_of_any_clients(updates, repeat_
     if stacking_gram(module) is not None:
         formed_here = compressed_product_gram(validated, module, stacking_gram(module))
         torch.testing.assert_close(compressed, formed_here, rtol=0, atol=0)
+    together, gram = compress_with_gram(validated, "m", validated.included)  # one stacking
+    torch.testing.assert_close(together.norms, module.norms, rtol=0, atol=0)
+    assert (gram is None) == (stacking_gram(module) is None)
+    if gram is not None:
+        torch.testing.assert_close(gram, stacking_gram(module), rtol=0, atol=0)
 
 
 def test_randomized_thresholding_of_a_large_core_gives_the_full_svd_solution():

@@ -17,11 +17,10 @@ from .compression import (
     CompressedModule,
     RowBasisGram,
     StackingCore,
-    compress_module,
+    compress_with_gram,
     numerical_floor,
     row_basis_gram,
     stacking_core,
-    stacking_gram,
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
 from .detection import centre_distance, direction_scores, near_duplicate_groups, robust_z
@@ -443,9 +442,8 @@ def _compress_all(
             len(clients), len(clients), dtype=torch.float64, device=validated.device
         )
     for name in validated.module_names:
-        module = compress_module(validated, name, clients)
+        module, gram = compress_with_gram(validated, name, clients)
         timer.lap("compress")
-        gram = stacking_gram(module)
         cores.append(stacking_core(module, gram))
         modules.append(module)
         timer.lap("core")

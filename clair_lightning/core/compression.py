@@ -61,6 +61,21 @@ def compress_module(validated: ValidatedUpdates, name: str, clients: list[int]) 
     ``R_k`` comes from a Cholesky factorisation of the small Gram ``A_k A_kᵀ`` (Cholesky-QR),
     falling back to a QR of ``A_kᵀ`` when ``A_k`` is rank-deficient or badly conditioned.
     """
+    return _compress(validated, name, clients)[0]
+
+
+def compress_with_gram(
+    validated: ValidatedUpdates, name: str, clients: list[int]
+) -> tuple[CompressedModule, Tensor | None]:
+    """``compress_module`` and its ``stacking_gram``, forming the stacking once for both."""
+    module, stacked_t = _compress(validated, name, clients)
+    return module, stacking_gram(module, stacked_t)
+
+
+def _compress(
+    validated: ValidatedUpdates, name: str, clients: list[int]
+) -> tuple[CompressedModule, Tensor]:
+    """The compressed module and the transposed stacking its norms were measured on."""
     factors = [validated.updates[k][name] for k in clients]
     row_factors = [_row_space_factor(a) for _, a in factors]
     # A client's block is min(rank, d_in) wide: R has that many rows.
@@ -87,7 +102,8 @@ def compress_module(validated: ValidatedUpdates, name: str, clients: list[int]) 
     )
     squared.index_add_(0, owner, row_norms.square())
     norms = squared.sqrt().to(stacked_t.dtype)
-    return CompressedModule(name, list(clients), blocks, norms, owner, b_factors, row_factors)
+    module = CompressedModule(name, list(clients), blocks, norms, owner, b_factors, row_factors)
+    return module, stacked_t
 
 
 _NORM_BLOCK_ROWS = 256
@@ -221,16 +237,18 @@ class StackingCore:
         return self._normalised @ coefficients
 
 
-def stacking_gram(module: CompressedModule) -> Tensor | None:
+def stacking_gram(module: CompressedModule, stacked_t: Tensor | None = None) -> Tensor | None:
     """Gram ``M̂ᵀM̂`` of the stacking with unit-norm client blocks (``Σr x Σr``, one triangle).
 
     ``None`` for a stacking with at most half as many rows as columns, which is its own core.
     The blocks are normalised before the Gram is formed, so it does not depend on the
-    clients' scale (a float32 block of norm 1e19 would overflow in a raw Gram).
+    clients' scale (a float32 block of norm 1e19 would overflow in a raw Gram). ``stacked_t``,
+    the transposed stacking when the caller formed it, is scaled in place.
     """
     if module.d_out <= module.block_owner.numel() // 2:
         return None
-    stacked_t = _transposed_stacking(module.b_factors, module.row_factors, module.blocks)
+    if stacked_t is None:
+        stacked_t = _transposed_stacking(module.b_factors, module.row_factors, module.blocks)
     return _symmetric_gram(stacked_t.mul_(_inverse_norms(module)[:, None]))
 
 
