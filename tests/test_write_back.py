@@ -133,6 +133,31 @@ def test_the_write_back_takes_its_row_basis_from_the_collusion_checks_gram(monke
             assert float((product - expected).norm() / expected.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_the_subspace_iteration_finds_the_top_eigenpairs_past_its_structured_start(
+    monkeypatch, scale
+):
+    """Clients whose top eigenvectors are not in the start basis iterate with dense bases; each
+    client's top eigenpairs of ``diag(d) + Y_kᵀY_k`` equal a dense eigendecomposition's."""
+    generator = torch.Generator().manual_seed(2)
+    diagonal = torch.rand(160, generator=generator, dtype=torch.float64).sort(descending=True)[0]
+    low_rank = scale * torch.randn(6, 3, 160, generator=generator, dtype=torch.float64)
+    later_bases = []
+    original = refinement._orthonormal_columns
+
+    def orthonormal_columns(vectors):
+        later_bases.append(vectors.shape[0])
+        return original(vectors)
+
+    monkeypatch.setattr(refinement, "_orthonormal_columns", orthonormal_columns)
+    values, vectors = refinement._top_eigenpairs(diagonal, low_rank, 4, 1e-12)
+    assert later_bases  # some clients went past the structured start
+    expected_values, expected_vectors = refinement._dense_top_eigenpairs(diagonal, low_rank, 4)
+    torch.testing.assert_close(values, expected_values, atol=1e-10, rtol=0)
+    projector = vectors @ vectors.mT
+    torch.testing.assert_close(projector, expected_vectors @ expected_vectors.mT, atol=1e-5, rtol=0)
+
+
 def test_refined_at_rank_in_client_groups_equals_all_at_once(monkeypatch):
     updates = _federation(12, 40, 80, 4, torch.float64)
     result = clair_aggregate(updates)

@@ -235,25 +235,40 @@ def _top_eigenpairs(
     width = min(n, count + extra_rank + _OVERSAMPLING)
     if n <= 2 * width:
         return _dense_top_eigenpairs(diagonal, low_rank, count)
-    # The leading axes are orthonormal already: only the rows of Y_k below them need a QR.
+    # The start basis [[I, 0], [0, Q]] (leading axes, then a QR of only the rows of Y_k below
+    # them: the same span) is applied block by block: the axes need no products. Later bases
+    # are dense. With G = diag(d) + YᵀY, the Rayleigh quotient is Vᵀ(d ⊙ V) + (YV)ᵀ(YV) and
+    # G V is d ⊙ V + Yᵀ(YV), so G V is formed only for the clients that iterate again.
     num_axes = width - extra_rank
-    axes = torch.eye(n, num_axes, dtype=low_rank.dtype, device=low_rank.device)
-    basis = torch.cat(
-        [axes.expand(num_clients, -1, -1), low_rank.new_zeros(num_clients, n, extra_rank)], dim=2
-    )
-    basis[:, num_axes:, num_axes:] = torch.linalg.qr(low_rank.mT[:, num_axes:])[0]
+    lower = torch.linalg.qr(low_rank.mT[:, num_axes:])[0]
+    projected = torch.cat([low_rank[..., :num_axes], low_rank[..., num_axes:] @ lower], dim=2)
+    rayleigh = projected.mT @ projected
+    rayleigh[:, :num_axes, :num_axes] += torch.diag(diagonal[:num_axes])
+    rayleigh[:, num_axes:, num_axes:] += lower.mT @ (diagonal[num_axes:, None] * lower)
+    basis: Tensor | None = None
+
+    def times_basis(rotation: Tensor, clients: Tensor | slice) -> Tensor:
+        if basis is None:
+            below = lower[clients] @ rotation[:, num_axes:]
+            return torch.cat([rotation[:, :num_axes], below], dim=1)
+        return basis[clients] @ rotation
+
     pending = torch.arange(num_clients, device=low_rank.device)
     eigenvalues = low_rank.new_zeros(num_clients, count)
     eigenvectors = low_rank.new_zeros(num_clients, n, count)
     for _ in range(_MAX_ITERATIONS):
         y = low_rank[pending]
-        applied = diagonal[:, None] * basis + y.mT @ (y @ basis)
-        ritz_values, rotation = torch.linalg.eigh(basis.mT @ applied)
+        ritz_values, rotation = torch.linalg.eigh(rayleigh)
         ritz_values, rotation = ritz_values.flip(-1), rotation.flip(-1)
         # Only the top Ritz vectors are tested and kept; the full rotation is applied only
         # for clients that iterate again.
-        top_basis = basis @ rotation[..., :count]
-        residual = applied @ rotation[..., :count] - top_basis * ritz_values[:, None, :count]
+        top = rotation[..., :count]
+        top_basis = times_basis(top, slice(None))
+        residual = (
+            diagonal[:, None] * top_basis
+            + y.mT @ (projected @ top)
+            - top_basis * ritz_values[:, None, :count]
+        )
         scale = ritz_values[:, :1].abs().clamp_min(1e-300)
         done = (torch.linalg.vector_norm(residual, dim=1) <= tolerance * scale).all(1)
         finished = pending[done]
@@ -262,7 +277,12 @@ def _top_eigenpairs(
         pending = pending[~done]
         if pending.numel() == 0:
             return eigenvalues, eigenvectors
-        basis = _orthonormal_columns(applied[~done] @ rotation[~done])
+        again = ~done
+        rotated = times_basis(rotation[again], again)
+        applied = diagonal[:, None] * rotated + y[again].mT @ (projected[again] @ rotation[again])
+        basis = _orthonormal_columns(applied)
+        projected = low_rank[pending] @ basis
+        rayleigh = basis.mT @ (diagonal[:, None] * basis) + projected.mT @ projected
     dense_values, dense_vectors = _dense_top_eigenpairs(diagonal, low_rank[pending], count)
     eigenvalues[pending], eigenvectors[pending] = dense_values, dense_vectors
     return eigenvalues, eigenvectors
