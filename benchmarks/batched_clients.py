@@ -31,8 +31,11 @@ seconds of a round's local steps and the adapters it ends with.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +45,11 @@ import yaml
 
 from clair_lightning.federation import ConfigBase, FederatedLoRAModule, PretrainedBase
 from clair_lightning.federation.adapters import lora_layers, read_update
-from clair_lightning.federation.grouped import grouped_completion_steps, grouped_lora
+from clair_lightning.federation.grouped import (
+    grouped_completion_steps,
+    grouped_lora,
+    pack_sequences,
+)
 from clair_lightning.federation.module import adapter_name
 from clair_lightning.federation.task import completion_step
 from clair_lightning.prepare import SMOLLM2 as SMOLLM2_RELEASE
@@ -112,7 +119,7 @@ def llama_256_setup(clients: int):
     return module, random_batches(clients, 16, 16, 64, generator, padded=False)
 
 
-def smollm2_setup(clients: int):
+def smollm2_setup(clients: int, padded: bool = True):
     module = FederatedLoRAModule(
         PretrainedBase(str(SMOLLM2)),
         num_clients=clients,
@@ -122,11 +129,16 @@ def smollm2_setup(clients: int):
     )
     generator = torch.Generator().manual_seed(1)
     vocabulary = module.model.config.vocab_size
-    return module, random_batches(clients, 2, 32, vocabulary, generator, padded=True)
+    return module, random_batches(clients, 2, 32, vocabulary, generator, padded=padded)
 
 
-SETUPS = {"text-copy": text_copy_setup, "llama-256": llama_256_setup, "smollm2": smollm2_setup}
-REPEATS = {"text-copy": 21, "llama-256": 7, "smollm2": 3}  # about 10, 15 and 60 s of CPU
+SETUPS = {
+    "text-copy": text_copy_setup,
+    "llama-256": llama_256_setup,
+    "smollm2": smollm2_setup,
+    "smollm2-full": functools.partial(smollm2_setup, padded=False),
+}
+REPEATS = {"text-copy": 21, "llama-256": 7, "smollm2": 3, "smollm2-full": 3}
 
 
 def one_at_a_time(module, batches):
@@ -139,75 +151,182 @@ def one_at_a_time(module, batches):
     return losses
 
 
-def grouped(module, batches):
+def grouped(module, batches, packing=False):
     adapters = [adapter_name(k) for k in range(len(batches))]
-    with grouped_lora(module.model, adapters):
-        steps = grouped_completion_steps(module.model, batches)
+    with grouped_lora(module.model, adapters) as packed:
+        steps = grouped_completion_steps(module.model, batches, packed if packing else None)
         torch.stack([step.loss for step in steps]).sum().backward()
     return [step.loss.detach() for step in steps]
 
 
-def measure(name: str, clients: int, repeats: int) -> None:
+def packed(module, batches):
+    return grouped(module, batches, packing=True)
+
+
+PATHS = {"one at a time": one_at_a_time, "grouped": grouped, "packed": packed}
+
+
+def prepared(name: str, clients: int):
+    """The model with nonzero ``B`` (so ``A`` gets gradients too), batches and AdamW per client."""
     module, batches = SETUPS[name](clients)
-    model = module.model
     with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
+        for parameter_name, parameter in module.model.named_parameters():
             if "lora_B" in parameter_name:
-                parameter.normal_(std=0.02)  # nonzero B, so A gets gradients too
+                parameter.normal_(std=0.02)
     parameters = [module.client_parameters(k) for k in range(clients)]
     optimizers = [torch.optim.AdamW(p, lr=1e-3) for p in parameters]
+    module.model.train()
 
     def step(path):
+        """One local step of every client: CPU s of forward+backward and of the whole step, and
+        the whole step's wall-clock seconds."""
         for optimizer in optimizers:
             optimizer.zero_grad()
-        start = time.process_time()
-        losses = path(module, batches)
+        start, wall = time.process_time(), time.perf_counter()
+        path(module, batches)
         backward = time.process_time()
         for client_parameters, optimizer in zip(parameters, optimizers, strict=True):
             torch.nn.utils.clip_grad_norm_(client_parameters, 1.0)
             optimizer.step()
-        return losses, backward - start, time.process_time() - start
+        return backward - start, time.process_time() - start, time.perf_counter() - wall
+
+    return module, batches, parameters, step
+
+
+def tokens_through_base(path: str, batches) -> int:
+    """Token positions the base computes per step on each path (padding included)."""
+    if path == "one at a time":
+        return sum(batch["input_ids"].numel() for batch in batches)
+    length = max(batch["input_ids"].shape[1] for batch in batches)
+    if path == "grouped":
+        return sum(len(batch["input_ids"]) for batch in batches) * length
+    lengths = [int(n) for batch in batches for n in batch["attention_mask"].sum(1)]
+    return len(pack_sequences(lengths, length)) * length
+
+
+def linear_weights(model) -> int:
+    """Weights of the base's linear layers, the LM head included (the LoRA factors excluded)."""
+    return sum(
+        layer.weight.numel()
+        for name, layer in model.named_modules()
+        if isinstance(layer, torch.nn.Linear) and "lora_" not in name
+    )
+
+
+def matrix_product_share(step, path) -> float:
+    """The share of the matrix products (mm, bmm, addmm) in the op time of one profiled step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step(path)
+    events = profile.key_averages()
+    products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS)
+    return products / sum(e.self_cpu_time_total for e in events)
+
+
+MATRIX_PRODUCTS = {"aten::mm", "aten::bmm", "aten::addmm"}
+
+
+def step_memory(name: str, clients: int, path: str) -> float:
+    """MiB of peak resident memory above the prepared model during one training step of
+    ``path``, in a process of its own (the heap keeps what a previous path freed)."""
+    module, _, _, step = prepared(name, clients)
+    with torch.no_grad():  # page in the weights (the safetensors are mapped, not yet read)
+        sum(float(parameter.sum()) for parameter in module.model.parameters())
+    rss = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+    step(PATHS[path])
+    return (_status("VmHWM") - rss) / 1024
+
+
+def _status(field: str) -> int:
+    line = next(
+        x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field)
+    )
+    return int(line.split()[1])  # kB
+
+
+def measure(name: str, clients: int, repeats: int) -> None:
+    module, batches, parameters, step = prepared(name, clients)
+    padding = any(bool((batch["attention_mask"] == 0).any()) for batch in batches)
+    paths = list(PATHS) if padding else ["one at a time", "grouped"]
 
     def gradients():
         return [[p.grad.clone() for p in client] for client in parameters]
 
-    model.train()
     torch.manual_seed(0)
-    reference_losses = one_at_a_time(module, batches)
+    module.model.zero_grad()
+    reference_losses = torch.stack(one_at_a_time(module, batches))
     reference = gradients()
-    for optimizer in optimizers:
-        optimizer.zero_grad()
-    losses = grouped(module, batches)
-    torch.testing.assert_close(torch.stack(losses), torch.stack(reference_losses))
-    for ours, theirs in zip(gradients(), reference, strict=True):
-        for g, h in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+    for path in paths[1:]:
+        module.model.zero_grad()
+        torch.testing.assert_close(torch.stack(PATHS[path](module, batches)), reference_losses)
+        for ours, theirs in zip(gradients(), reference, strict=True):
+            for g, h in zip(ours, theirs, strict=True):
+                torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
 
-    separate, together = [], []
+    times = {path: [] for path in paths}
     for _ in range(repeats):
-        separate.append(step(one_at_a_time)[1:])
-        together.append(step(grouped)[1:])
-    one_fb, one_step = (statistics.median(t[i] for t in separate) for i in (0, 1))
-    both_fb, both_step = (statistics.median(t[i] for t in together) for i in (0, 1))
+        for path in paths:
+            times[path].append(step(PATHS[path]))
     lengths = sorted({batch["input_ids"].shape[1] for batch in batches})
     span = f"{lengths[0]}-{lengths[-1]}" if len(lengths) > 1 else f"{lengths[0]}"
     shape = f"{len(batches[0]['input_ids'])}x{span}"
     print(
-        f"{name}: K = {clients} clients x {shape} tokens, {len(lora_layers(model))} LoRA layers, "
-        f"{torch.get_num_threads()} threads, {repeats} repeats (CPU s, median)"
+        f"{name}: K = {clients} clients x {shape} tokens, {len(lora_layers(module.model))} LoRA "
+        f"layers, {torch.get_num_threads()} threads, {repeats} repeats (CPU s, median)"
     )
+    tokens = {path: tokens_through_base(path, batches) for path in paths}
+    real = sum(int(batch["attention_mask"].sum()) for batch in batches)
     print(
-        f"  forward+backward: one at a time {one_fb:.3f} s, grouped {both_fb:.3f} s, "
-        f"ratio {one_fb / both_fb:.2f}"
+        "  tokens through the base: "
+        + ", ".join(f"{path} {count}" for path, count in tokens.items())
+        + f" (real {real})"
     )
+    rows = ((0, "forward+backward"), (1, "training step   "), (2, "step wall-clock "))
+    for index, label in rows:
+        one = statistics.median(t[index] for t in times["one at a time"])
+        parts = [f"one at a time {one:.3f} s"]
+        for path in paths[1:]:
+            ours = statistics.median(t[index] for t in times[path])
+            parts.append(f"{path} {ours:.3f} s, ratio {one / ours:.2f}")
+        goal = " (goal >= 1.5)" if index == 1 else ""
+        print(f"  {label}: " + "; ".join(parts) + goal)
+    for path in paths[1:]:
+        paired = sorted(
+            one[1] / ours[1] for one, ours in zip(times["one at a time"], times[path], strict=True)
+        )
+        print(f"  {path}: training step ratio of each repeat {paired[0]:.2f} to {paired[-1]:.2f}")
+    print("  losses and gradients equal per client on every path")
+    weights = linear_weights(module.model)
+    for path in paths:  # the profiler's op times are wall-clock: only their shares are used
+        share = matrix_product_share(step, PATHS[path])
+        products = share * statistics.median(t[0] for t in times[path])
+        flops = 4 * tokens[path] * weights  # forward and input gradient of the frozen linears
+        print(
+            f"  {path}: matrix products {share:.0%} of the ops' time (one profiled step), "
+            f"{products:.2f} CPU s of the forward+backward, base linears at "
+            f"{flops / products / 1e9:.0f} GFLOP/s"
+        )
+    memory = [
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-of",
+                path,
+                "--models",
+                name,
+                "--clients",
+                str(clients),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[-1]
+        for path in paths
+    ]
     print(
-        f"  training step:    one at a time {one_step:.3f} s, grouped {both_step:.3f} s, "
-        f"ratio {one_step / both_step:.2f} (goal >= 1.5); losses and gradients equal per client"
-    )
-    paired = sorted(one[1] / both[1] for one, both in zip(separate, together, strict=True))
-    print(
-        f"  training step ratio of each repeat (the two paths side by side): {paired[0]:.2f} "
-        f"to {paired[-1]:.2f}"
+        "  peak memory of one step above the loaded model (own process each): "
+        + ", ".join(f"{path} {float(mib):.0f} MiB" for path, mib in zip(paths, memory, strict=True))
     )
 
 
@@ -281,13 +400,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=choices, default=choices)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of text-copy-fit")
     parser.add_argument("--group-sizes", type=int, nargs="+", help="text-copy-fit (default K/2, K)")
+    parser.add_argument("--memory-of", choices=list(PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_of:  # the child process of measure's memory figure
+        print(step_memory(args.models[0], args.clients, args.memory_of))
+        return
     for name in args.models:
         if name == "text-copy-fit":
             sizes = args.group_sizes or [args.clients // 2, args.clients]
             measure_federation(args.clients, args.rounds, sizes)
             continue
-        if name == "smollm2" and not (SMOLLM2 / "config.json").is_file():
+        if name.startswith("smollm2") and not (SMOLLM2 / "config.json").is_file():
             print(f"smollm2: skipped ({SMOLLM2} missing; run `clair prepare smollm2`)")
             continue
         measure(name, args.clients, args.repeats or REPEATS[name])
