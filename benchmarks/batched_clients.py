@@ -1,6 +1,6 @@
 """Training several clients through the shared base in one pass, measured against one at a time.
 
-    python benchmarks/batched_clients.py                       # K = 16, all three models
+    python benchmarks/batched_clients.py                       # K = 16, every model
     python benchmarks/batched_clients.py --models text-copy    # one of them
 
 The federation steps one client at a time: ``activate(k)``, forward, backward, clip, AdamW.
@@ -19,10 +19,17 @@ timing. Batches of different lengths are right-padded to the longest (attention 
 * ``llama-256``: a hidden-256 4-layer Llama (fresh weights), r = 8 on q and v, 16 x 16 tokens;
 * ``smollm2``: SmolLM2-135M-Instruct from ``clair prepare smollm2`` (``configs/chat_qa.yaml``:
   r = 4 on q and v, 2 sequences of at most 32 tokens; clients' batches of 24 to 32 tokens,
-  rows right-padded within), skipped when not prepared.
+  rows right-padded within), skipped when not prepared; ``smollm2-full``: the same with every
+  row 32 real tokens (no padding anywhere: both paths do the same token-work).
 
-CPU seconds of the process (run with ``OMP_NUM_THREADS=1``), median over repeats, for the
-forward + backward and for the whole training step (with the K clips and AdamW steps).
+Where batches are padded, a third path, ``packed`` (``grouped_completion_steps(..., packed)``),
+packs the group's sequences into rows of the longest length without their padding (position
+ids restart per sequence, so attention stays within each one). Printed per path: the tokens the
+base computes, CPU seconds of the process (median over repeats) for the forward + backward and
+for the whole training step (with the K clips and AdamW steps) and its wall-clock, the share of
+the matrix products in one profiled step with the GFLOP/s the base's linear layers reach (4
+FLOPs per weight and token: forward and input gradient), and the peak resident memory of one
+step above the loaded model, each path in a process of its own.
 ``text-copy-fit`` trains the recipe's federation (``configs/text_copy.yaml`` at K clients) with
 Lightning, one client at a time and with ``client_group_size`` K/2 and K, and compares the CPU
 seconds of a round's local steps and the adapters it ends with.

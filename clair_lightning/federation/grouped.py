@@ -6,6 +6,10 @@ two ``bmm`` over ``x`` viewed as ``(K, rows·length, d_in)``. The factors are st
 clients' own peft parameters, so each client's gradient lands on its adapter, and the adapters
 stay peft's (save, load and aggregation see no difference). LoRA dropout, when set, draws one
 mask over the group rather than one per client (same distribution, other draws).
+
+Packed (``pack_client_groups``), the group's sequences lose their padding: they share rows of
+the longest length, position ids restart at each one (transformers' masks then keep attention
+within a sequence), and each client's LoRA term is one product over its own tokens.
 """
 
 from __future__ import annotations
