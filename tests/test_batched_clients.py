@@ -136,3 +136,21 @@ def test_federation_in_groups_gives_the_flags_metrics_and_adapters_of_one_at_a_t
         assert ours.keys() == theirs.keys()
         for name, value in theirs.items():
             torch.testing.assert_close(ours[name], value, rtol=1e-3, atol=1e-5)
+
+
+def test_packing_keeps_the_statistics_of_rows_with_no_or_one_real_token():
+    torch.manual_seed(0)
+    module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=2, lora_rank=4)
+    generator = torch.Generator().manual_seed(1)
+    batches = [_batch(12, [12, 0, 1], generator), _batch(9, [9, 9, 4], generator)]
+    expected = []
+    for client, batch in enumerate(batches):
+        module.activate(client)
+        expected.append(completion_step(module.model, batch))
+    with grouped_lora(module.model, [adapter_name(0), adapter_name(1)]) as packed:
+        steps = grouped_completion_steps(module.model, batches, packed)
+    for ours, theirs in zip(steps, expected, strict=True):
+        assert float(ours.loss) == pytest.approx(float(theirs.loss), rel=1e-6)
+        for name in ("target_tokens", "correct_tokens", "exact_sequences", "sequences"):
+            assert int(getattr(ours, name)) == int(getattr(theirs, name))
+    assert int(steps[0].exact_sequences) == 2  # the empty and the one-token row: no targets

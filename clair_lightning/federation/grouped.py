@@ -148,6 +148,8 @@ def _packed_statistics(
     the longest length; position ids restart at each sequence, which makes the model's
     attention block-diagonal (no sequence sees another), and the first token of each sequence
     is no target (unpacked, nothing predicts it)."""
+    device = input_ids.device  # the layout is built on the CPU, element by element
+    input_ids, attention_mask, labels = input_ids.cpu(), attention_mask.cpu(), labels.cpu()
     total_rows, length = input_ids.shape
     lengths = attention_mask.sum(1)
     if not torch.equal(attention_mask.bool(), torch.arange(length) < lengths[:, None]):
@@ -166,14 +168,18 @@ def _packed_statistics(
             packed_labels[row, offset + 1 : offset + n] = labels[sequence, 1:n]
             positions[row, offset : offset + n] = torch.arange(n)
             owner[row, offset : offset + n] = sequence // rows_per_client
-            source[sequence, : n - 1] = row * (length - 1) + offset + torch.arange(n - 1)
+            targets = max(n - 1, 0)  # an empty row has none
+            source[sequence, :targets] = row * (length - 1) + offset + torch.arange(targets)
             offset += n
         positions[row, offset:] = torch.arange(length - offset)  # padding: a segment of its own
-    packed.order = torch.argsort(owner.flatten(), stable=True)
+    packed.order = torch.argsort(owner.flatten(), stable=True).to(device)
     packed.counts = torch.bincount(owner.flatten(), minlength=len(packed.counts)).tolist()
-    logits = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits
+    logits = model(
+        input_ids=packed_ids.to(device), position_ids=positions.to(device), use_cache=False
+    ).logits
+    source = source.to(device)
     blank = source < 0
     return tuple(
         torch.where(blank, torch.zeros((), dtype=part.dtype), part.flatten()[source.clamp_min(0)])
-        for part in token_statistics(logits, packed_labels)
+        for part in token_statistics(logits, packed_labels.to(device))
     )
