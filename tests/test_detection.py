@@ -140,15 +140,10 @@ def test_copies_do_not_shrink_the_robust_scales():
     assert all(result.score_components["closeness_z"][k] > THRESHOLD for k in (0, 4, 7, 17))
 
 
-def test_two_clients_sharing_a_direction_of_their_own_are_left_alone():
-    """Benign clients with overlapping tasks: a direction carried by only two clients is theirs,
-    not a colluding minority, so the support check does not test them."""
+def test_the_support_check_alone_flags_four_clients_sharing_a_direction():
+    """Four of twenty clients add one shared off-subspace column: flagged by the support check
+    alone (pairs: see test_two_colluders_sharing_a_direction_in_every_module_are_flagged)."""
     federation = _federation(seed=2)
-    pair = [k in (4, 9) for k in range(K)]
-    updates = contaminate(federation.updates, pair, "rank1_off_subspace")
-    result = clair_aggregate(updates, checks=("support",))
-    assert not any(result.contaminated)
-    assert max(result.score_components["support_z"]) == 0.0
     four = [k in (4, 9, 12, 15) for k in range(K)]
     updates = contaminate(federation.updates, four, "rank1_off_subspace")
     assert clair_aggregate(updates, checks=("support",)).contaminated == four
@@ -210,3 +205,83 @@ def test_a_large_contaminated_share_does_not_hide_in_the_spread_it_widens():
     assert float(trimmed[~contaminated].max()) < THRESHOLD
     result = clair_aggregate(federation.updates, federation.sample_counts)
     assert result.contaminated == federation.contaminated
+
+
+def _directions_absorbed(updates, **options):
+    """CLAIR with a fixed subspace rank wide enough to absorb the extra directions, and λ large
+    enough that the decomposition flags nobody, so only the support check can see them."""
+    return clair_aggregate(updates, lam_factor=3.0, **options)
+
+
+def test_two_colluders_sharing_a_direction_in_every_module_are_flagged():
+    """Two of ten clients add one shared off-subspace column to both modules: a pair carrying
+    two minority directions, flagged by the support check. The same pair sharing a direction
+    in one module only, as two benign clients with overlapping tasks do, is left alone."""
+    federation = synthetic_federation(
+        10, heterogeneity=0.5, noise=0.1, num_modules=2, generator=torch.Generator().manual_seed(0)
+    )
+    pair = [k in (3, 7) for k in range(10)]
+    everywhere = contaminate(federation.updates, pair, "rank1_off_subspace")
+    first_module = next(iter(federation.updates[0]))
+    one_module = [dict(update) for update in federation.updates]
+    for k in (3, 7):
+        one_module[k][first_module] = everywhere[k][first_module]
+    flagged = _directions_absorbed(everywhere, subspace_rank=4)
+    left_alone = _directions_absorbed(one_module, subspace_rank=4)
+    for result in (flagged, left_alone):
+        assert all(result.score_components["off_subspace_z"][k] < THRESHOLD for k in (3, 7))
+        assert max(result.score_components["collusion_z"]) == 0.0
+    assert flagged.contaminated == pair
+    assert all(flagged.score_components["support_z"][k] > THRESHOLD for k in (3, 7))
+    assert not any(left_alone.contaminated)
+    assert max(left_alone.score_components["support_z"]) == 0.0
+
+
+def test_colluders_are_measured_apart_from_benign_carriers_of_their_own_directions():
+    """Four colluders share one column while five benign clients each carry a direction of
+    their own: together the carriers are nine of ten clients, no minority, but the colluders'
+    group, measured against everyone outside it, leaves the subspace."""
+    federation = synthetic_federation(
+        10, heterogeneity=0.5, noise=0.1, num_modules=2, generator=torch.Generator().manual_seed(0)
+    )
+    colluders = [k in (1, 4, 6, 8) for k in range(10)]
+    updates = contaminate(federation.updates, colluders, "rank1_off_subspace")
+    for k in (0, 2, 3, 5, 7):
+        own = contaminate(
+            federation.updates,
+            [j == k for j in range(10)],
+            "rank1_off_subspace",
+            energy=0.3,
+            generator=torch.Generator().manual_seed(100 + k),
+        )
+        updates[k] = own[k]
+    result = _directions_absorbed(updates, subspace_rank=9)
+    assert max(result.score_components["off_subspace_z"]) < THRESHOLD
+    assert result.contaminated == colluders
+    support = result.score_components["support_z"]
+    assert all((support[k] > THRESHOLD) == colluders[k] for k in range(10))
+
+
+def test_a_large_group_off_the_subspace_does_not_mask_itself():
+    """Eight of twenty regression clients add their own off-subspace perturbations: against
+    the median and MAD of everyone they score under the threshold (the group inflates both),
+    against the clients below the gap far above it, and they are flagged."""
+    settings = {
+        "num_clients": 20, "d_out": 30, "d_in": 20, "subspace_rank": 3, "samples": 50,
+        "noise": 1.0, "heterogeneity": 1.0,
+    }  # fmt: skip
+    truth = make_federation(**settings, contaminated_fraction=0.4, seed=2).contaminated
+    federation = make_federation(**settings, contaminated_fraction=0.0, seed=2)
+    updates = contaminate(
+        federation.updates,
+        truth,
+        "partial_off_subspace",
+        generator=torch.Generator().manual_seed(2),
+    )
+    result = clair_aggregate(updates, federation.sample_counts, checks=("off_subspace",))
+    residual = torch.tensor(result.score_components["off_subspace_fraction"])
+    against_everyone = robust_z(residual, torch.ones(20, dtype=torch.bool), 0.02)
+    attackers = torch.tensor(truth)
+    assert float(against_everyone[attackers].max()) < THRESHOLD
+    assert result.contaminated == list(truth)
+    assert min(result.score_components["off_subspace_z"][k] for k in range(20) if truth[k]) > 10

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -38,7 +39,16 @@ _MAX_DETECTION_ROUNDS = 5
 _CLEAN_SHARE = 1e-3
 _SUPPORT_FACTOR = 10.0
 _SMALLEST_MINORITY = 3
+_SMALL_GROUP_DIRECTIONS = 2
 _SUPPORT_ENERGY = 0.25
+
+
+@dataclass
+class _MinorityGroup:
+    """Members carrying minority directions of the shared subspace, and how many directions."""
+
+    carriers: tuple[int, ...]
+    directions: int
 
 
 def clair_aggregate(
@@ -344,17 +354,18 @@ class _SubspaceEstimator:
             bases.append(basis[:, :rank])
         return bases
 
-    def minority_carriers(self, core_bases: list[Tensor], members: Tensor) -> Tensor:
-        """Members carrying a direction of the shared subspace that most members do not carry.
+    def minority_carriers(self, core_bases: list[Tensor], members: Tensor) -> list[_MinorityGroup]:
+        """Groups of members carrying directions of the shared subspace most members do not carry.
 
         Each member's own support is the span of its coefficients ``Uᵀ Θ̂_k`` along the
         directions whose energy is at least ``_SUPPORT_FACTOR`` times its energy per direction
         outside the subspace (its estimation noise, which reaches every direction alike). The
         eigenvalues of the members' mean support projector are the share of members carrying
         each direction: about 1 for a shared direction, the group's share for one a group
-        added. Carriers of a direction below one half are returned.
+        added. The carriers of every direction below one half form a group; directions carried
+        by the same members, in any module, are one group, with their count.
         """
-        carriers = torch.zeros_like(members)
+        found: dict[tuple[int, ...], _MinorityGroup] = {}
         index = members.nonzero().flatten()
         for module, core, basis in zip(self._modules, self._cores, core_bases, strict=True):
             coefficients = basis.T @ core.matrix
@@ -373,8 +384,10 @@ class _SubspaceEstimator:
             share, directions = torch.linalg.eigh(stacked.mean(dim=0))
             for direction in directions[:, share < 0.5].T:
                 carried = torch.einsum("i,kij,j->k", direction, stacked, direction) > 0.5
-                carriers[index[carried]] = True
-        return carriers
+                carriers = tuple(index[carried].tolist())
+                if carriers:
+                    found.setdefault(carriers, _MinorityGroup(carriers, 0)).directions += 1
+        return list(found.values())
 
     def residual_fraction(self, core_bases: list[Tensor]) -> Tensor:
         """``‖(I − UUᵀ) Θ̂_k‖_F / ‖Θ̂_k‖_F`` per client, unit-norm blocks pooled over modules."""
@@ -409,7 +422,9 @@ def _settle_off_subspace_flags(
     (the incoherence limit of outlier pursuit). Such a client lies inside the subspace recovered
     from the others, so its residual is small and it is re-admitted; a client with a genuine
     off-subspace component keeps a large residual. Robust scales count each near-duplicate
-    group once (``independent``).
+    group once (``independent``). The first measurement also starts from the masked group (see
+    ``_masked_group``): many attackers with similar residuals inflate the median and MAD they
+    are measured against.
     """
     rounds = 0
     while True:
@@ -419,9 +434,34 @@ def _settle_off_subspace_flags(
         residual = estimator.residual_fraction(bases)
         off_z = robust_z(residual, reference & independent, floor)
         settled = off_z > threshold
+        if rounds == 1:
+            settled = settled | _masked_group(residual, reference & independent, floor, threshold)
         if torch.equal(settled, flags) or rounds == _MAX_DETECTION_ROUNDS:
             return bases, residual, off_z, rounds
         flags = settled
+
+
+def _masked_group(residual: Tensor, reference: Tensor, floor: float, threshold: float) -> Tensor:
+    """The clients above the largest gap of the reference residuals (a two-cluster split), when
+    they are a minority and, measured against the clients below the gap, all beyond
+    ``threshold``; else nobody.
+
+    A large group of attackers with similar residuals masks itself: at 40% the median and MAD
+    are the benign clients' upper tail (measured on the regression recipe's
+    ``partial_off_subspace``: z-scores 3.8–4.2 against everyone, far above 4.5 against the
+    benign clients). A benign tail has no such gap, so its clients stay unflagged.
+    """
+    nobody = torch.zeros_like(reference)
+    values = residual[reference].sort().values
+    if len(values) < 3:
+        return nobody
+    split = int((values[1:] - values[:-1]).argmax())
+    group = residual > values[split]
+    members = int((group & reference).sum())
+    if members == 0 or 2 * members >= len(values):
+        return nobody
+    z = robust_z(residual, reference & ~group, floor)
+    return group if float(z[group].min()) > threshold else nobody
 
 
 def _compress_all(
@@ -479,22 +519,36 @@ def _minority_support(
 ) -> Tensor:
     """Off-subspace z-scores of the carriers of minority directions, against the rest's subspace.
 
-    Zero for everyone else, and for everyone when the carriers are not a minority or fewer
-    than three: one or two benign clients often share a direction of their own (clients with
-    overlapping tasks), which the rank rule can admit into the subspace of a small federation.
-    Zero too for a carrier that loses less than ``_SUPPORT_ENERGY`` of its squared norm to the
-    rest's subspace: a benign cluster sharing a task carries its direction weakly (measured on
-    the text-copying recipe: 0.06–0.13), colluders who add a term to move the aggregate put a
-    real share of their energy there (0.5 in ``rank1_off_subspace``).
+    Each group of carriers (``minority_carriers``) is measured on its own against the subspace
+    of the reference clients outside it: the union of all groups mixes colluders with benign
+    clients that carry a direction of their own somewhere (in the early text-copy rounds that
+    union was every client). Zero for everyone else, and for a group that is not a minority.
+    A group of fewer than three is tested only when it carries two or more minority directions:
+    one or two benign clients with overlapping tasks often share a direction of their own, in
+    one module (measured: every benign pair of the text-copy runs), while colluders add their
+    term to every module they attack. Zero too for a carrier that loses less than
+    ``_SUPPORT_ENERGY`` of its squared norm to the rest's subspace: a benign cluster sharing a
+    task carries its direction weakly (measured on the text-copying recipe: 0.06–0.13),
+    colluders who add a term to move the aggregate put a real share of their energy there (0.5
+    in ``rank1_off_subspace``).
     """
-    carriers = estimator.minority_carriers(core_bases, reference)
     support_z = torch.zeros(len(reference), dtype=torch.float64, device=reference.device)
-    rest = reference & ~carriers
-    if _SMALLEST_MINORITY <= int(carriers.sum()) < int(rest.sum()):
-        residual = estimator.residual_fraction(estimator.estimate(rest))
-        gained = residual.square() - estimator.residual_fraction(core_bases).square()
+    before = estimator.residual_fraction(core_bases).square()
+    for group in estimator.minority_carriers(core_bases, reference):
+        size = len(group.carriers)
+        carriers = torch.zeros_like(reference)
+        carriers[list(group.carriers)] = True
+        rest = reference & ~carriers
+        if size < 2 or size >= int(rest.sum()):
+            continue
+        if size < _SMALLEST_MINORITY and group.directions < _SMALL_GROUP_DIRECTIONS:
+            continue
+        rest_bases = estimator.estimate(rest)
+        residual = estimator.residual_fraction(rest_bases)
+        gained = residual.square() - before
+        z = robust_z(residual, rest & independent, floor)
         carrying = carriers & (gained >= _SUPPORT_ENERGY)
-        support_z[carrying] = robust_z(residual, rest & independent, floor)[carrying]
+        support_z[carrying] = torch.maximum(support_z[carrying], z[carrying])
     return support_z
 
 
