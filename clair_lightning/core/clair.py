@@ -40,6 +40,8 @@ _CLEAN_SHARE = 1e-3
 _SUPPORT_FACTOR = 10.0
 _SMALLEST_MINORITY = 3
 _SMALL_GROUP_DIRECTIONS = 2
+_SMALLEST_MASKING_GROUP = 2
+_SMALLEST_GAP_REFERENCE = 5
 _SUPPORT_ENERGY = 0.25
 
 
@@ -442,23 +444,27 @@ def _settle_off_subspace_flags(
 
 
 def _masked_group(residual: Tensor, reference: Tensor, floor: float, threshold: float) -> Tensor:
-    """The clients above the largest gap of the reference residuals (a two-cluster split), when
-    they are a minority and, measured against the clients below the gap, all beyond
-    ``threshold``; else nobody.
+    """The reference clients above the largest gap of their residuals (a two-cluster split),
+    when they are a minority of at least two and, measured against the clients below the gap
+    (at least five), all beyond ``threshold``; else nobody.
 
     A large group of attackers with similar residuals masks itself: at 40% the median and MAD
     are the benign clients' upper tail (measured on the regression recipe's
     ``partial_off_subspace``: z-scores 3.8–4.2 against everyone, far above 4.5 against the
-    benign clients). A benign tail has no such gap, so its clients stay unflagged.
+    benign clients). A benign tail has no such gap, so its clients stay unflagged; one client
+    cannot mask itself, and measured without itself a benign one can cross the threshold
+    (a text-copy client at z 4.69, under it when it counts in its own median and MAD); the
+    median and MAD of fewer than five clients are too noisy to measure against (two benign
+    text-copy clients under ``mimic`` at 40%, six independent clients: z 5–6 against four).
     """
     nobody = torch.zeros_like(reference)
     values = residual[reference].sort().values
     if len(values) < 3:
         return nobody
     split = int((values[1:] - values[:-1]).argmax())
-    group = residual > values[split]
-    members = int((group & reference).sum())
-    if members == 0 or 2 * members >= len(values):
+    group = reference & (residual > values[split])
+    size = int(group.sum())
+    if size < _SMALLEST_MASKING_GROUP or len(values) - size < max(size, _SMALLEST_GAP_REFERENCE):
         return nobody
     z = robust_z(residual, reference & ~group, floor)
     return group if float(z[group].min()) > threshold else nobody
