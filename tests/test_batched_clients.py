@@ -8,11 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clair_lightning.cli import run
+from clair_lightning.cli import main, run
 from clair_lightning.federation import ConfigBase, FederatedLoRAModule, adapter_name
+from clair_lightning.federation import data as federation_data
 from clair_lightning.federation import module as federation_module
 from clair_lightning.federation.data import RoundBatchSampler
-from clair_lightning.federation.grouped import grouped_completion_steps, grouped_lora
+from clair_lightning.federation.grouped import (
+    check_packing,
+    grouped_completion_steps,
+    grouped_lora,
+)
 from clair_lightning.federation.task import completion_step
 
 from .test_federation import TINY_LLAMA
@@ -107,19 +112,25 @@ def _summary(tmp_path, overrides=()):
 def test_federation_in_groups_gives_the_flags_metrics_and_adapters_of_one_at_a_time(
     tmp_path, monkeypatch, packing
 ):
-    groups = []
+    groups, checks = [], []
 
     def counted(model, batches, packed):
         groups.append(([int(b["client"]) for b in batches], packed is not None))
         return grouped_completion_steps(model, batches, packed)
 
+    def counted_check(model, batches):
+        checks.append(check_packing(model, batches))
+        return checks[-1]
+
     single_folder, single = _summary(tmp_path / "single")
     monkeypatch.setattr(federation_module, "grouped_completion_steps", counted)
+    monkeypatch.setattr(federation_module, "check_packing", counted_check)
     options = ["--model.client_group_size", "3", "--model.pack_client_groups", str(packing)]
     grouped_folder, grouped = _summary(tmp_path / "grouped", options)
 
     # 4 clients in groups (0, 1, 2) and (3,): 2 rounds x 3 local steps of the group of three
     assert groups == [([0, 1, 2], packing)] * 6
+    assert checks == ([True] if packing else [])  # once, before the first packed step, passed
     assert len(single["rounds"]) == len(grouped["rounds"]) == 2
     for ours, theirs in zip(grouped["rounds"], single["rounds"], strict=True):
         assert ours["detection"] == pytest.approx(theirs["detection"], abs=1e-6)
@@ -154,3 +165,44 @@ def test_packing_keeps_the_statistics_of_rows_with_no_or_one_real_token():
         for name in ("target_tokens", "correct_tokens", "exact_sequences", "sequences"):
             assert int(getattr(ours, name)) == int(getattr(theirs, name))
     assert int(steps[0].exact_sequences) == 2  # the empty and the one-token row: no targets
+
+
+def test_packing_refuses_a_model_that_attends_across_packed_sequences():
+    torch.manual_seed(0)
+    module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=2, lora_rank=4)
+    module.train()
+    generator = torch.Generator().manual_seed(1)
+    batches = [_batch(12, [12, 0, 1], generator), _batch(9, [9, 9, 4], generator)]
+    assert check_packing(module.model, batches)  # the tiny Llama honours restarted positions
+    assert all(part.training for part in module.model.modules())  # its modes are restored
+    assert not check_packing(module.model, [_batch(6, [6, 1], generator)])  # one usable row
+
+    llama = module.model.get_base_model()
+    forward = llama.forward  # a model that drops position ids: one causal mask over the row
+    llama.forward = lambda *args, position_ids=None, **kwargs: forward(*args, **kwargs)
+    with pytest.raises(ValueError) as refused:
+        check_packing(module.model, batches)
+    assert str(refused.value) == (
+        "pack_client_groups: LlamaForCausalLM attends across packed sequences (it ignores "
+        "restarted position ids); set model.pack_client_groups false"
+    )
+
+
+def test_packing_left_padded_batches_stops_the_cli_in_one_line(tmp_path, monkeypatch, capsys):
+    collate_clients = federation_data.collate_clients
+
+    def left_padded(items):  # one padding column in front of every row
+        batches = collate_clients(items)
+        for batch in batches:
+            for key, value in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+                batch[key] = torch.nn.functional.pad(batch[key], (1, 0), value=value)
+        return batches
+
+    monkeypatch.setattr(federation_data, "collate_clients", left_padded)
+    options = ["--model.client_group_size", "3", "--model.pack_client_groups", "true"]
+    code = main(["fit", "--config", SMOKE, "--run.output_dir", str(tmp_path), *options])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "clair: error: pack_client_groups: the batches are not right-padded (attention mask 1s "
+        "then 0s in every row); pad on the right or set model.pack_client_groups false"
+    ]

@@ -9,7 +9,9 @@ mask over the group rather than one per client (same distribution, other draws).
 
 Packed (``pack_client_groups``), the group's sequences lose their padding: they share rows of
 the longest length, position ids restart at each one (transformers' masks then keep attention
-within a sequence), and each client's LoRA term is one product over its own tokens.
+within a sequence), and each client's LoRA term is one product over its own tokens. Packing
+trusts the model to honour restarted position ids and needs right-padded rows; both are
+checked (``check_packing``) before the first packed step, and refused in one line otherwise.
 """
 
 from __future__ import annotations
@@ -121,6 +123,62 @@ def grouped_completion_steps(
     return [step_output(*own) for own in zip(*per_client, strict=True)]
 
 
+NOT_RIGHT_PADDED = (
+    "pack_client_groups: the batches are not right-padded (attention mask 1s then 0s in every "
+    "row); pad on the right or set model.pack_client_groups false"
+)
+CHECK_TOKENS = 8  # of each of the two sequences the packing check runs
+
+
+@torch.no_grad()
+def check_packing(model: PeftModel, batches: Sequence[dict[str, Tensor]]) -> bool:
+    """Refuse packing, in one line, when the model would train on wrong gradients with it: the
+    batches are not right-padded, or the model attends across packed sequences (it ignores the
+    restarted position ids: a custom model or another attention implementation). Two short real
+    sequences of the batches run packed into one row and separately, in eval mode (no dropout),
+    and their logits must agree. False when the batches hold no two sequences of two tokens."""
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        if mask is not None and not torch.equal(
+            mask.bool(), torch.arange(mask.shape[1], device=mask.device) < mask.sum(1)[:, None]
+        ):
+            raise ValueError(NOT_RIGHT_PADDED)
+    sequences = []
+    for batch in batches:
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        for ids, real in zip(batch["input_ids"], mask.sum(1).tolist(), strict=True):
+            if real >= 2:
+                sequences.append(ids[: min(real, CHECK_TOKENS)])
+    if len(sequences) < 2:
+        return False
+    first, second = sequences[:2]
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        alone = [model(input_ids=s[None], use_cache=False).logits[0] for s in (first, second)]
+        positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))])
+        packed = model(
+            input_ids=torch.cat([first, second])[None],
+            position_ids=positions[None].to(first.device),
+            use_cache=False,
+        ).logits[0]
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    base = model.get_base_model()
+    exact = base.dtype == packed.dtype == torch.float32
+    tolerance = 1e-3 if exact and not torch.is_autocast_enabled(first.device.type) else 5e-2
+    expected = torch.cat(alone).float()
+    difference = float((packed.float() - expected).abs().max())
+    if difference > tolerance * (1 + float(expected.abs().max())):
+        name = type(base).__name__
+        raise ValueError(
+            f"pack_client_groups: {name} attends across packed sequences (it ignores restarted "
+            "position ids); set model.pack_client_groups false"
+        )
+    return True
+
+
 def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Sequences (by index) into rows of at most ``capacity`` tokens, first fit by decreasing
     length: the group's rows hold little more than its real tokens."""
@@ -153,7 +211,7 @@ def _packed_statistics(
     total_rows, length = input_ids.shape
     lengths = attention_mask.sum(1)
     if not torch.equal(attention_mask.bool(), torch.arange(length) < lengths[:, None]):
-        raise ValueError("packing clients' sequences needs right-padded rows (mask 1 then 0)")
+        raise ValueError(NOT_RIGHT_PADDED)
     layout = pack_sequences(lengths.tolist(), length)
     packed_ids = torch.zeros(len(layout), length, dtype=input_ids.dtype)
     packed_labels = torch.full_like(packed_ids, -100)

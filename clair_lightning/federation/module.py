@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .adapters import copy_adapter, lora_layers
 from .base import BaseModelSource
-from .grouped import grouped_completion_steps, grouped_lora
+from .grouped import check_packing, grouped_completion_steps, grouped_lora
 from .task import ClientMetrics, completion_step
 
 LrSchedule = Literal["constant", "cosine"]
@@ -44,7 +44,10 @@ class FederatedLoRAModule(pl.LightningModule):
     (the data module serves their batches side by side). 1, the default, steps them one at a
     time. ``pack_client_groups`` packs a group's sequences into rows without their padding
     (position ids restart per sequence; the base's attention must honour that, as transformers'
-    Llama-family models do). Measured in benchmarks/README.md, "Batched clients".
+    Llama-family models do). Before the first packed step two short real sequences run packed
+    and apart (``check_packing``): a model whose logits differ, or batches that are not
+    right-padded, stop the fit with one line naming the option. Measured in
+    benchmarks/README.md, "Batched clients".
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class FederatedLoRAModule(pl.LightningModule):
             copy_adapter(self.model, adapter_name(0), adapter_name(client))
         self.num_clients = num_clients
         self.client_group_size = client_group_size
+        self._packing_checked = False  # check_packing runs before the first packed step
         self.client_metrics: list[dict[str, float]] = []
         self.test_client_metrics: list[dict[str, float]] = []
         self._metrics = ClientMetrics(num_clients)
@@ -155,6 +159,8 @@ class FederatedLoRAModule(pl.LightningModule):
             losses = [completion_step(self.model, batches[0]).loss]
             self.manual_backward(losses[0])
         else:
+            if self.hparams.pack_client_groups and not self._packing_checked:
+                self._packing_checked = check_packing(self.model, batches)
             with grouped_lora(self.model, [adapter_name(k) for k in clients]) as packed:
                 packing = packed if self.hparams.pack_client_groups else None
                 steps = grouped_completion_steps(self.model, batches, packing)
