@@ -130,6 +130,11 @@ NOT_RIGHT_PADDED = (
 CHECK_TOKENS = 8  # of each of the two sequences the packing check runs
 
 
+def _right_padded(mask: Tensor) -> bool:
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return torch.equal(mask.bool(), columns < mask.sum(1)[:, None])
+
+
 @torch.no_grad()
 def check_packing(model: PeftModel, batches: Sequence[dict[str, Tensor]]) -> bool:
     """Refuse packing, in one line, when the model would train on wrong gradients with it: the
@@ -137,12 +142,10 @@ def check_packing(model: PeftModel, batches: Sequence[dict[str, Tensor]]) -> boo
     restarted position ids: a custom model or another attention implementation). Two short real
     sequences of the batches run packed into one row and separately, in eval mode (no dropout),
     and their logits must agree. False when the batches hold no two sequences of two tokens."""
-    for batch in batches:
-        mask = batch.get("attention_mask")
-        if mask is not None and not torch.equal(
-            mask.bool(), torch.arange(mask.shape[1], device=mask.device) < mask.sum(1)[:, None]
-        ):
-            raise ValueError(NOT_RIGHT_PADDED)
+    if not all(
+        _right_padded(batch["attention_mask"]) for batch in batches if "attention_mask" in batch
+    ):
+        raise ValueError(NOT_RIGHT_PADDED)
     sequences = []
     for batch in batches:
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
@@ -210,7 +213,7 @@ def _packed_statistics(
     input_ids, attention_mask, labels = input_ids.cpu(), attention_mask.cpu(), labels.cpu()
     total_rows, length = input_ids.shape
     lengths = attention_mask.sum(1)
-    if not torch.equal(attention_mask.bool(), torch.arange(length) < lengths[:, None]):
+    if not _right_padded(attention_mask):
         raise ValueError(NOT_RIGHT_PADDED)
     layout = pack_sequences(lengths.tolist(), length)
     packed_ids = torch.zeros(len(layout), length, dtype=input_ids.dtype)
