@@ -161,7 +161,7 @@ def test_packing_keeps_the_statistics_of_rows_with_no_or_one_real_token():
     with grouped_lora(module.model, [adapter_name(0), adapter_name(1)]) as packed:
         steps = grouped_completion_steps(module.model, batches, packed)
     for ours, theirs in zip(steps, expected, strict=True):
-        assert float(ours.loss) == pytest.approx(float(theirs.loss), rel=1e-6)
+        assert ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-6)
         for name in ("target_tokens", "correct_tokens", "exact_sequences", "sequences"):
             assert int(getattr(ours, name)) == int(getattr(theirs, name))
     assert int(steps[0].exact_sequences) == 2  # the empty and the one-token row: no targets
