@@ -231,9 +231,10 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     verdicts = []
     spectral_norm_below = decomposition._spectral_norm_below
 
-    def recording(*args):
-        verdicts.append(spectral_norm_below(*args))
-        return verdicts[-1]
+    def recording(matrix, image, tau):
+        verdict = spectral_norm_below(matrix, image, tau)
+        verdicts.append((matrix.dtype, verdict))
+        return verdict
 
     monkeypatch.setattr(decomposition, "_spectral_norm_below", recording)
     generator = torch.Generator().manual_seed(0)
@@ -252,7 +253,8 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     second = ((left * values) @ right.T).float()
     thresholded = solver.threshold(0, second, tau)
     # The warm iteration converges (the basis is invariant up to rounding); the certificate fails.
-    assert verdicts == [True, False]
+    # Certified in float32 at first; the second certificate fails in float32 and in float64.
+    assert verdicts == [(torch.float32, True), (torch.float32, False), (torch.float64, False)]
     assert counts == {"certified": 1, "tried": 3} and solver.ranks == [7]
     u, s, vh = torch.linalg.svd(second)
     torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh, atol=1e-5, rtol=0)
@@ -265,6 +267,15 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
 def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     """Cores of 64–256 columns: same ranks, iterations and scores as a full SVD per iteration."""
     counts = _count_certified(monkeypatch)
+    certificates = []
+    spectral_norm_below = decomposition._spectral_norm_below
+
+    def recording(matrix, image, tau):
+        verdict = spectral_norm_below(matrix, image, tau)
+        certificates.append((matrix.dtype, verdict))
+        return verdict
+
+    monkeypatch.setattr(decomposition, "_spectral_norm_below", recording)
     generator = torch.Generator().manual_seed(3)
     federation = synthetic_federation(
         12,
@@ -292,6 +303,8 @@ def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     }
     full, certified = results["full"], results["auto"]
     assert counts["certified"] >= counts["tried"] // 2 > 0, counts
+    # Early thresholds are certified in float32, late ones (small τ) in float64.
+    assert {(torch.float32, True), (torch.float64, True)} <= set(certificates), certificates
     assert certified.low_rank_ranks == full.low_rank_ranks
     assert certified.iterations == full.iterations and certified.lam == full.lam
     torch.testing.assert_close(certified.sparse_fraction, full.sparse_fraction, atol=1e-6, rtol=0)

@@ -311,7 +311,13 @@ class _SvtState:
             top = singular[:kept]
             residual = (back @ rotation[:, :kept]) / top - right[:, :kept] * top
             if float(torch.linalg.vector_norm(residual)) <= tolerance:
-                if not _spectral_norm_below(wide, kept_image, tau):
+                # The certificate in the core's own float32 while its rounding slack is small
+                # against τ² (the early, large thresholds), else in float64.
+                narrow = kept_image.to(matrix.dtype)
+                if not (
+                    _spectral_norm_below(matrix, narrow, tau)
+                    or _spectral_norm_below(wide, kept_image, tau)
+                ):
                     return None
                 self._bases[module] = right.to(matrix.dtype)
                 left = (kept_image / top).to(matrix.dtype)
@@ -367,18 +373,21 @@ def _times_thin(matrix: Tensor, thin: Tensor) -> Tensor:
 
 
 def _spectral_norm_below(matrix: Tensor, image: Tensor, tau: float) -> bool:
-    """Whether ``‖M(I − VVᵀ)‖₂ < τ`` for orthonormal ``V`` with ``image = MV`` (float64).
+    """Whether ``‖M(I − VVᵀ)‖₂ < τ`` for orthonormal ``V`` with ``image = MV``.
 
     Cholesky of ``(τ² − δ)I − (MMᵀ − image imageᵀ)`` succeeds only for a positive definite
-    matrix; ``δ`` covers the float64 rounding of the Gram and of the factorisation.
+    matrix; ``δ`` covers the rounding of the Gram and of the factorisation in ``M``'s dtype.
+    Where ``δ`` leaves less than half of ``τ²`` the answer is no, before any Gram is formed
+    (in float32 the caller then asks again in float64).
     """
+    size = matrix.shape[0]
+    eps = torch.finfo(matrix.dtype).eps
+    slack = 16.0 * (size + 1) * eps * (float(torch.linalg.vector_norm(matrix)) ** 2 + tau**2)
+    if tau**2 <= 2.0 * slack:
+        return False
     gram = _symmetric_gram(matrix)
-    size = gram.shape[0]
-    slack = 16.0 * (size + 1) * torch.finfo(torch.float64).eps * (float(gram.trace()) + tau**2)
     if image.shape[1]:
         gram = gram - image @ image.T
-    if tau**2 <= slack:
-        return False
     shifted = torch.diag_embed(gram.new_full((size,), tau**2 - slack)) - gram
     return int(torch.linalg.cholesky_ex(shifted)[1]) == 0
 
