@@ -212,13 +212,16 @@ def test_inexact_alm_equals_the_textbook_iteration():
 
 def _count_certified(monkeypatch):
     """Count the thresholdings the certified subspace iteration answers (not the full SVD)."""
-    counts = {"certified": 0, "tried": 0}
+    counts = {"certified": 0, "tried": 0, "first": []}
     certified_svd = decomposition._SvtState._certified_svd
 
     def counting(self, module, matrix, tau):
+        first = self._bases[module] is None
         result = certified_svd(self, module, matrix, tau)
         counts["tried"] += 1
         counts["certified"] += result is not None
+        if first:
+            counts["first"].append(result is not None)
         return result
 
     monkeypatch.setattr(decomposition._SvtState, "_certified_svd", counting)
@@ -247,7 +250,7 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     first = ((left * values) @ right.T).float()  # float64 cores keep the full SVD
     solver.threshold(0, first, tau)  # full SVD, stores the warm basis
     solver.threshold(0, first, tau)
-    assert counts == {"certified": 1, "tried": 2} and solver.ranks == [6]
+    assert counts == {"certified": 1, "tried": 2, "first": [False]} and solver.ranks == [6]
     # The warm basis holds the top 6 + 9 right vectors; give a direction outside it 1.5 τ.
     values[-1] = 1.5
     second = ((left * values) @ right.T).float()
@@ -255,7 +258,7 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     # The warm iteration converges (the basis is invariant up to rounding); the certificate fails.
     # Certified in float32 at first; the second certificate fails in float32 and in float64.
     assert verdicts == [(torch.float32, True), (torch.float32, False), (torch.float64, False)]
-    assert counts == {"certified": 1, "tried": 3} and solver.ranks == [7]
+    assert counts == {"certified": 1, "tried": 3, "first": [False]} and solver.ranks == [7]
     u, s, vh = torch.linalg.svd(second)
     torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh, atol=1e-5, rtol=0)
     double = decomposition._SvtState(1, None)
@@ -303,6 +306,9 @@ def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     }
     full, certified = results["full"], results["auto"]
     assert counts["certified"] >= counts["tried"] // 2 > 0, counts
+    # The first thresholding of each module starts from the core's right singular vectors.
+    assert all(core.right_singular is not None for core in cores)
+    assert counts["first"] == [True, True], counts
     # Early thresholds are certified in float32, late ones (small τ) in float64.
     assert {(torch.float32, True), (torch.float64, True)} <= set(certificates), certificates
     assert certified.low_rank_ranks == full.low_rank_ranks

@@ -27,7 +27,7 @@ Formulation = Literal["exact", "stable"]
 # certificate fails); larger ones a warm-started randomized SVD.
 _FULL_SVD_MAX_SIZE = 256
 _OVERSAMPLING = 10
-# Below this size (or at the first iteration) a full SVD is as cheap as the certificate.
+# Below this size a full SVD is as cheap as the certificate.
 _CERTIFIED_MIN_SIZE = 64
 _CERTIFIED_EXTRA = 8
 _CERTIFIED_SWEEPS = 6
@@ -86,6 +86,8 @@ def block_outlier_pursuit(
     if svd not in ("auto", "full"):
         raise ValueError(f"svd must be 'auto' or 'full', got {svd!r}")
     solver = _SvtState(len(cores), generator, full=svd == "full")
+    for m, core in enumerate(cores):
+        solver.start_from(m, core.right_singular)
     if formulation == "exact":
         low_rank, sparse, iterations, converged = _inexact_alm(
             matrices,
@@ -236,7 +238,13 @@ class _SvtState:
         self.ranks = [0] * num_modules
         self._full = full
         self._bases: list[Tensor | None] = [None] * num_modules
+        self._starts: list[tuple[Tensor, Tensor] | None] = [None] * num_modules
         self._generator = generator
+
+    def start_from(self, module: int, right_singular: tuple[Tensor, Tensor] | None) -> None:
+        """Right singular vectors and values of the core, for the first thresholding: both
+        solvers' first target is a multiple of the core, so they span its leading subspace."""
+        self._starts[module] = right_singular
 
     def threshold(
         self, module: int, matrix: Tensor, tau: float, out: Tensor | None = None
@@ -276,6 +284,15 @@ class _SvtState:
         is within ``‖R‖_F`` of the exact ``D_τ(M)``, below the rounding of ``M`` itself.
         """
         previous = self._bases[module]
+        start = self._starts[module]
+        if previous is None and start is not None:
+            # As wide as the core's singular values above τ, scaled to the target's norm, ask
+            # (the certificate decides, whatever the guess).
+            vectors, singular = start
+            scale = float(torch.linalg.vector_norm(matrix) / torch.linalg.vector_norm(singular))
+            self.ranks[module] = int((singular * scale > tau).sum())
+            previous = vectors[:, : self.ranks[module] + _CERTIFIED_EXTRA + 1]
+        self._starts[module] = None
         rows, cols = matrix.shape
         if previous is None or rows > cols or cols < _CERTIFIED_MIN_SIZE:
             return None
