@@ -4,8 +4,11 @@ import torch
 
 from clair_lightning import clair_aggregate
 from clair_lightning.core.attacks import contaminate
+from clair_lightning.core.clair import _padded_blocks
+from clair_lightning.core.compression import compress_module
 from clair_lightning.core.detection import direction_scores, robust_z
 from clair_lightning.core.synthetic import synthetic_federation
+from clair_lightning.core.updates import validate_updates
 from clair_lightning.recipes.linear_regression.data import make_federation
 
 K = 20
@@ -285,3 +288,24 @@ def test_a_large_group_off_the_subspace_does_not_mask_itself():
     assert float(against_everyone[attackers].max()) < THRESHOLD
     assert result.contaminated == list(truth)
     assert min(result.score_components["off_subspace_z"][k] for k in range(20) if truth[k]) > 10
+
+
+def test_support_check_pads_clients_of_lower_rank():
+    """Clients of different ranks are batched with zero columns padding the narrower blocks:
+    each block is kept as it was, and the four carriers are still the ones flagged."""
+    federation = _federation(seed=2)
+    four = [k in (4, 9, 12, 15) for k in range(K)]
+    updates = contaminate(federation.updates, four, "rank1_off_subspace")
+    for k in (0, 7, 12):
+        updates[k] = {name: (b[:, :-1], a[:-1]) for name, (b, a) in updates[k].items()}
+    validated = validate_updates(updates, None)
+    module = compress_module(validated, validated.module_names[0], validated.included)
+    generator = torch.Generator().manual_seed(0)
+    coefficients = torch.randn(5, module.blocks[-1].stop, generator=generator)
+    padded = _padded_blocks(coefficients, module)
+    widths = [block.stop - block.start for block in module.blocks]
+    assert len(set(widths)) == 2
+    for position, block in enumerate(module.blocks):
+        assert torch.equal(padded[position, :, : widths[position]], coefficients[:, block])
+        assert not padded[position, :, widths[position] :].any()
+    assert clair_aggregate(updates, checks=("support",)).contaminated == four

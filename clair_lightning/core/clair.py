@@ -322,6 +322,7 @@ class _SubspaceEstimator:
         self._rule = rule
         self._max_rank = max_rank
         self._generator = generator
+        self._estimates: dict[tuple[bool, ...], list[Tensor]] = {}
         client_weights = validated.weights[modules[0].clients].sqrt()
         # Column scales that turn the normalised core back into the weighted raw stacking.
         self._column_scales = [
@@ -332,7 +333,17 @@ class _SubspaceEstimator:
         ]
 
     def estimate(self, members: Tensor) -> list[Tensor]:
-        """Per module, an orthonormal core-space basis of the members' weighted stacking."""
+        """Per module, an orthonormal core-space basis of the members' weighted stacking.
+
+        Kept per set of members: the collaborative set is often one a check already measured
+        against (a flagged group's rest), and its randomized SVDs are not repeated.
+        """
+        key = tuple(members.tolist())
+        if key not in self._estimates:
+            self._estimates[key] = self._estimate(members)
+        return self._estimates[key]
+
+    def _estimate(self, members: Tensor) -> list[Tensor]:
         bases = []
         for module, core, scale, low_rank_rank in zip(
             self._modules, self._cores, self._column_scales, self._low_rank_ranks, strict=True
@@ -373,16 +384,14 @@ class _SubspaceEstimator:
             coefficients = basis.T @ core.matrix
             free_directions = max(module.d_out - basis.shape[1], 1)
             relative_floor = numerical_floor(core.matrix.dtype) ** 2
-            projectors = []
-            for position in index.tolist():
-                block = coefficients[:, module.block_owner == position]
-                inside = float(block.square().sum())
-                noise = max(1.0 - inside, 0.0) / free_directions
-                left, singular, _ = torch.linalg.svd(block, full_matrices=False)
-                floor = max(_SUPPORT_FACTOR * noise, relative_floor * inside, 1e-300)
-                own = left[:, singular.square() >= floor]
-                projectors.append((own @ own.T).to(torch.float64))
-            stacked = torch.stack(projectors)
+            blocks = _padded_blocks(coefficients, module)[index]
+            inside = blocks.square().sum(dim=(1, 2)).to(torch.float64)
+            noise = (1.0 - inside).clamp_min(0.0) / free_directions
+            left, singular, _ = torch.linalg.svd(blocks, full_matrices=False)
+            floor = torch.maximum(_SUPPORT_FACTOR * noise, relative_floor * inside)
+            supported = singular.square() >= floor.clamp_min(1e-300).to(singular.dtype)[:, None]
+            own = left * supported[:, None, :]
+            stacked = (own @ own.transpose(1, 2)).to(torch.float64)
             share, directions = torch.linalg.eigh(stacked.mean(dim=0))
             for direction in directions[:, share < 0.5].T:
                 carried = torch.einsum("i,kij,j->k", direction, stacked, direction) > 0.5
@@ -409,6 +418,18 @@ class _SubspaceEstimator:
             # One re-orthonormalisation absorbs the rounding of the triangular solve.
             ambient[module.name] = torch.linalg.qr(core.to_ambient(basis))[0]
         return ambient
+
+
+def _padded_blocks(coefficients: Tensor, module: CompressedModule) -> Tensor:
+    """Each client's columns of ``coefficients`` (``r_s x Σr``) as one ``K x r_s x r`` batch,
+    narrower blocks padded with zero columns (they add only zero singular values)."""
+    starts = torch.tensor([block.start for block in module.blocks], device=coefficients.device)
+    offsets = torch.arange(coefficients.shape[1], device=coefficients.device)
+    offsets = offsets - starts[module.block_owner]
+    width = max(block.stop - block.start for block in module.blocks)
+    padded = coefficients.new_zeros(len(module.blocks), coefficients.shape[0], width)
+    padded[module.block_owner, :, offsets] = coefficients.T
+    return padded
 
 
 def _settle_off_subspace_flags(
