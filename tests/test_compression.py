@@ -228,9 +228,8 @@ def _count_certified(monkeypatch):
     return counts
 
 
-def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypatch):
-    """A new singular value above τ, orthogonal to the warm basis, fails the certificate."""
-    counts = _count_certified(monkeypatch)
+def _record_certificates(monkeypatch) -> list[tuple[torch.dtype, bool]]:
+    """The dtype and verdict of every certificate the solver asks for, in order."""
     verdicts = []
     spectral_norm_below = decomposition._spectral_norm_below
 
@@ -240,6 +239,13 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
         return verdict
 
     monkeypatch.setattr(decomposition, "_spectral_norm_below", recording)
+    return verdicts
+
+
+def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypatch):
+    """A new singular value above τ, orthogonal to the warm basis, fails the certificate."""
+    counts = _count_certified(monkeypatch)
+    verdicts = _record_certificates(monkeypatch)
     generator = torch.Generator().manual_seed(0)
     n, tau = 96, 1.0
     left = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
@@ -270,15 +276,7 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
 def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     """Cores of 64–256 columns: same ranks, iterations and scores as a full SVD per iteration."""
     counts = _count_certified(monkeypatch)
-    certificates = []
-    spectral_norm_below = decomposition._spectral_norm_below
-
-    def recording(matrix, image, tau):
-        verdict = spectral_norm_below(matrix, image, tau)
-        certificates.append((matrix.dtype, verdict))
-        return verdict
-
-    monkeypatch.setattr(decomposition, "_spectral_norm_below", recording)
+    certificates = _record_certificates(monkeypatch)
     generator = torch.Generator().manual_seed(3)
     federation = synthetic_federation(
         12,
