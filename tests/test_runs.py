@@ -46,6 +46,12 @@ def _pause_config(tmp_path: Path, rounds: int) -> tuple[Path, Path]:
     return config, marker
 
 
+def _default_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT:
+    the child gets the default, so Ctrl-C is a KeyboardInterrupt however the suite was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_paused_run(tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path]:
     """``clair fit`` in a real process, held at the start of round 3 (round 2 checkpointed)."""
     config, marker = _pause_config(tmp_path, rounds=2)
@@ -58,6 +64,7 @@ def _start_paused_run(tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 300
     while not marker.exists():
