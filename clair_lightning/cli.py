@@ -27,6 +27,7 @@ from .experiment import ClairCLI, check_config_files, run
 
 __all__ = ["ClairCLI", "main", "run"]
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")

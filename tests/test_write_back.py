@@ -106,7 +106,7 @@ def test_the_write_back_takes_its_row_basis_from_the_collusion_checks_gram(monke
     validated = validate_updates(updates)
     reused, formed = [], []
     original_gram = RowBasisGram.stacked_a_gram
-    original_symmetric = refinement._symmetric_gram
+    original_symmetric = refinement.symmetric_gram
 
     def stacked_a_gram(self, clients):
         reused.append(clients)
@@ -117,7 +117,7 @@ def test_the_write_back_takes_its_row_basis_from_the_collusion_checks_gram(monke
         return original_symmetric(rows)
 
     monkeypatch.setattr(RowBasisGram, "stacked_a_gram", stacked_a_gram)
-    monkeypatch.setattr(refinement, "_symmetric_gram", symmetric_gram)
+    monkeypatch.setattr(refinement, "symmetric_gram", symmetric_gram)
     streamed = dict(result.refined.at_rank(4))
     collaborative = result.collaborative_set
     assert reused == [collaborative] * len(streamed)

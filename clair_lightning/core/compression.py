@@ -185,7 +185,7 @@ def row_basis_gram(validated: ValidatedUpdates, module: CompressedModule) -> Row
     for k, factor, block in zip(module.clients, module.row_factors, module.blocks, strict=True):
         row_space_basis(validated.updates[k][module.name][1], factor, out=bases[block])
     return RowBasisGram(
-        _symmetric_gram(bases), list(module.clients), module.blocks, module.row_factors
+        symmetric_gram(bases), list(module.clients), module.blocks, module.row_factors
     )
 
 
@@ -259,7 +259,7 @@ def stacking_gram(module: CompressedModule, stacked_t: Tensor | None = None) -> 
         return None
     if stacked_t is None:
         stacked_t = _transposed_stacking(module.b_factors, module.row_factors, module.blocks)
-    return _symmetric_gram(stacked_t.mul_(_inverse_norms(module)[:, None]))
+    return symmetric_gram(stacked_t.mul_(_inverse_norms(module)[:, None]))
 
 
 def stacking_core(module: CompressedModule, gram: Tensor | None = None) -> StackingCore:
@@ -318,7 +318,7 @@ def _inverse_norms(module: CompressedModule) -> Tensor:
     return 1.0 / module.norms.clamp_min(1e-30)[module.block_owner].to(module.norms.dtype)
 
 
-def _symmetric_gram(rows: Tensor) -> Tensor:
+def symmetric_gram(rows: Tensor) -> Tensor:
     """``rows @ rowsᵀ``, computing only one triangle (the Gram is symmetric).
 
     On the CPU numpy's ``x @ x.T`` calls BLAS ``syrk`` (half the flops; 0.55 of torch's GEMM at

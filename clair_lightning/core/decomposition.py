@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .compression import StackingCore, _symmetric_gram
+from .compression import StackingCore, symmetric_gram
 
 Formulation = Literal["exact", "stable"]
 
@@ -250,18 +250,17 @@ class _SvtState:
         self, module: int, matrix: Tensor, tau: float, out: Tensor | None = None
     ) -> Tensor:
         """``D_τ(matrix)``, written into ``out`` when given (it may be ``matrix`` itself)."""
-        certified = None
-        if not self._full and min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
-            certified = self._certified_svd(module, matrix, tau)
+        small = min(matrix.shape) <= _FULL_SVD_MAX_SIZE
+        certified = self._certified_svd(module, matrix, tau) if small and not self._full else None
         if certified is not None:
             u, s, vh = certified
-        elif self._full or min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
+        elif self._full or small:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         else:
             u, s, vh = self._partial_svd(module, matrix, tau)
         kept = int((s > tau).sum())
         self.ranks[module] = kept
-        if certified is None and not self._full and min(matrix.shape) <= _FULL_SVD_MAX_SIZE:
+        if certified is None and small and not self._full:  # the warm start of the next one
             self._bases[module] = vh[: kept + _CERTIFIED_EXTRA + 1].T
         if kept == 0:
             return torch.zeros_like(matrix) if out is None else out.zero_()
@@ -402,7 +401,7 @@ def _spectral_norm_below(matrix: Tensor, image: Tensor, tau: float) -> bool:
     slack = 16.0 * (size + 1) * eps * (float(torch.linalg.vector_norm(matrix)) ** 2 + tau**2)
     if tau**2 <= 2.0 * slack:
         return False
-    gram = _symmetric_gram(matrix)
+    gram = symmetric_gram(matrix)
     if image.shape[1]:
         gram = gram - image @ image.T
     shifted = torch.diag_embed(gram.new_full((size,), tau**2 - slack)) - gram

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .compression import _symmetric_gram
+from .compression import symmetric_gram
 from .factors import Refactorized, Split
 from .updates import ClientUpdate, LoraFactors, ValidatedUpdates
 
@@ -101,7 +101,7 @@ def refined_at_rank(
     off_b = (stacked_b - subspace @ inside) * column_weights
     rows = _RowBasis(torch.cat([a for _, a in factors], dim=0), stacked_a_gram)
     # H = NᵀN in row coordinates, from the Σr x Σr Gram of the off-subspace factors.
-    shared = rows.coordinates.T @ _symmetric_gram(off_b.T) @ rows.coordinates
+    shared = rows.coordinates.T @ symmetric_gram(off_b.T) @ rows.coordinates
     shared_eigenvalues, shared_vectors = torch.linalg.eigh(shared)
     shared_eigenvalues = shared_eigenvalues.flip(0).clamp_min(0)
     shared_vectors = shared_vectors.flip(1)
@@ -173,13 +173,13 @@ class _RowBasis:
         if stacked_a.shape[0] >= stacked_a.shape[1]:
             self.coordinates = stacked_a
             return
-        gram = _symmetric_gram(stacked_a) if gram is None else gram
+        gram = symmetric_gram(stacked_a) if gram is None else gram
         lower, info = torch.linalg.cholesky_ex(gram)
         if _well_conditioned(lower, info, 0.1):
             self.coordinates = self._lower = lower
             return
         self._stacked = stacked_a.to(torch.float64)
-        gram = _symmetric_gram(self._stacked)
+        gram = symmetric_gram(self._stacked)
         lower, info = torch.linalg.cholesky_ex(gram)
         if _well_conditioned(lower, info, 1e-6):
             self._lower = lower
