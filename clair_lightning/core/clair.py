@@ -550,7 +550,8 @@ def _minority_support(
     of the reference clients outside it: the union of all groups mixes colluders with benign
     clients that carry a direction of their own somewhere (in the early text-copy rounds that
     union was every client). Zero for everyone else, and for a group that is not a minority.
-    A group of fewer than three is tested only when it carries two or more minority directions:
+    A single carrier is never tested (it is measured by the other checks); a pair only when it
+    carries two or more minority directions:
     one or two benign clients with overlapping tasks often share a direction of their own, in
     one module (measured: every benign pair of the text-copy runs), while colluders add their
     term to every module they attack. Zero too for a carrier that loses less than
