@@ -377,3 +377,27 @@ def test_randomized_thresholding_of_a_large_core_gives_the_full_svd_solution():
         torch.testing.assert_close(
             thresholded, expected, atol=1e-4 * float(expected.abs().max()), rtol=0
         )
+
+
+def test_a_stacking_with_fewer_rows_than_columns_gets_a_core_of_its_rank():
+    """Its Gram is singular; a rounded Cholesky can still succeed and add a spurious direction."""
+    generator = torch.Generator().manual_seed(0)
+    for ranks in ([2, 2, 5, 1, 1, 2], [3, 3, 3, 2]):
+        updates = [
+            {
+                "m": (
+                    torch.randn(9, r, generator=generator, dtype=torch.float64),
+                    torch.randn(r, 3, generator=generator, dtype=torch.float64),
+                )
+            }
+            for r in ranks
+        ]
+        validated = validate_updates(updates)
+        module = compress_module(validated, "m", validated.included)
+        assert module.stacked.shape[0] < module.stacked.shape[1]
+        core = stacking_core(module)
+        assert core.matrix.shape[0] <= module.d_out
+        expected = torch.linalg.svdvals(module.stacked / module.norms[module.block_owner])
+        torch.testing.assert_close(
+            torch.linalg.svdvals(core.matrix), expected, atol=1e-8, rtol=1e-6
+        )

@@ -279,25 +279,26 @@ def stacking_core(module: CompressedModule, gram: Tensor | None = None) -> Stack
         return StackingCore.from_matrix((module.stacked * inverse_norms).contiguous())
     normalised = _LazyScaled(module, inverse_norms)
     floor = numerical_floor(gram.dtype)
-    factor, info = torch.linalg.cholesky_ex(gram, upper=True)
-    if int(info) == 0:
-        diagonal = factor.diagonal().abs()
-        if diagonal.min() > diagonal.max() * floor:
-            right_singular = None
-            if gram.shape[0] <= _START_BASIS_MAX_SIZE:
-                eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-                roots = eigenvalues.clamp_min(0).sqrt()
-                right_singular = (eigenvectors.flip(1), roots.flip(0))
-            else:
-                roots = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-            return StackingCore(
-                factor.contiguous(),
-                float(roots.sum()),
-                float(roots.max()),
-                normalised,
-                _cholesky=True,
-                right_singular=right_singular,
-            )
+    if module.d_out >= gram.shape[0]:  # else the Gram is singular, whatever a rounded Cholesky says
+        factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+        if int(info) == 0:
+            diagonal = factor.diagonal().abs()
+            if diagonal.min() > diagonal.max() * floor:
+                right_singular = None
+                if gram.shape[0] <= _START_BASIS_MAX_SIZE:
+                    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+                    roots = eigenvalues.clamp_min(0).sqrt()
+                    right_singular = (eigenvectors.flip(1), roots.flip(0))
+                else:
+                    roots = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+                return StackingCore(
+                    factor.contiguous(),
+                    float(roots.sum()),
+                    float(roots.max()),
+                    normalised,
+                    _cholesky=True,
+                    right_singular=right_singular,
+                )
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     keep = eigenvalues > eigenvalues.max().clamp_min(0) * floor**2
     roots = eigenvalues[keep].sqrt()
