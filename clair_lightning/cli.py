@@ -11,7 +11,8 @@
 A run writes to ``<run.output_dir>/<run.name>/``: the resolved ``config.yaml``, ``summary.json``,
 ``adapters/client_<k>/`` (peft format), ``checkpoints/last.ckpt`` (after every round), offline
 W&B files and CSV logs. W&B runs offline unless ``WANDB_MODE`` says otherwise. A bad setting
-stops the command with one line on stderr and exit code 2, before any run folder exists.
+stops the command with one line on stderr and exit code 2, before any run folder exists (or,
+when only the first batches reveal it, removing the new run's folder again).
 """
 
 from __future__ import annotations

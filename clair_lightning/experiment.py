@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from .callbacks import FederatedAggregation, RoundCheckpoint
+from .errors import USER_ERRORS
 from .federation import FederatedDataModule, FederatedLoRAModule
 
 CHECKPOINT = Path("checkpoints") / RoundCheckpoint.FILENAME
@@ -65,14 +66,20 @@ class ClairCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True):
         self.resume: Resume | None = None
         self._lock: FileLock | None = None
+        refused = False
         try:
             with warnings.catch_warnings():
                 # Explicit arguments are intended (from `run()` or `main(argv)`); argv is unrelated.
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
                 self._init(args, run)
+        except USER_ERRORS:
+            refused = True
+            raise
         finally:
             if hasattr(self, "trainer"):
                 self._finish_wandb()  # also after a failed run: no W&B run is left open
+                if refused:
+                    self._discard_unstarted_run()
             if self._lock is not None:
                 self._lock.release()
 
@@ -228,6 +235,14 @@ class ClairCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._finish_wandb()
+
+    def _discard_unstarted_run(self) -> None:
+        """A new run refused before its first round (a setting only the first batches reveal,
+        such as ``pack_client_groups`` on left-padded data) leaves no half-written folder; a run
+        with a round checkpoint stays, to be resumed."""
+        folder = Path(self.trainer.default_root_dir)
+        if self.subcommand == "fit" and self.resume is None and not (folder / CHECKPOINT).exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _finish_wandb(self) -> None:
         """Close the W&B run so its files are complete before the next run or process exit."""

@@ -206,3 +206,4 @@ def test_packing_left_padded_batches_stops_the_cli_in_one_line(tmp_path, monkeyp
         "clair: error: pack_client_groups: the batches are not right-padded (attention mask 1s "
         "then 0s in every row); pad on the right or set model.pack_client_groups false"
     ]
+    assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == []  # no half run
