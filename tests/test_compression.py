@@ -228,17 +228,17 @@ def _count_certified(monkeypatch):
     return counts
 
 
-def _record_certificates(monkeypatch) -> list[tuple[torch.dtype, bool]]:
-    """The dtype and verdict of every certificate the solver asks for, in order."""
+def _record_certificates(monkeypatch) -> list[tuple[torch.dtype, int, bool]]:
+    """Dtype, number of blocks and verdict of every block test the certificates ask for."""
     verdicts = []
-    spectral_norm_below = decomposition._spectral_norm_below
+    blocks_below = decomposition._blocks_below
 
-    def recording(matrix, image, tau):
-        verdict = spectral_norm_below(matrix, image, tau)
-        verdicts.append((matrix.dtype, verdict))
+    def recording(blocks, squared_bound, eps):
+        verdict = blocks_below(blocks, squared_bound, eps)
+        verdicts.append((blocks.dtype, blocks.shape[0], verdict))
         return verdict
 
-    monkeypatch.setattr(decomposition, "_spectral_norm_below", recording)
+    monkeypatch.setattr(decomposition, "_blocks_below", recording)
     return verdicts
 
 
@@ -262,8 +262,10 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     second = ((left * values) @ right.T).float()
     thresholded = solver.threshold(0, second, tau)
     # The warm iteration converges (the basis is invariant up to rounding); the certificate fails.
-    # Certified in float32 at first; the second certificate fails in float32 and in float64.
-    assert verdicts == [(torch.float32, True), (torch.float32, False), (torch.float64, False)]
+    # Certified in float32 by the four blocks at first (σ_7 < τ/2); the second certificate
+    # fails in four blocks and whole (float32 rounding is far below τ: float64 is not asked).
+    f32 = torch.float32
+    assert verdicts == [(f32, 4, True), (f32, 4, False), (f32, 1, False)], verdicts
     assert counts == {"certified": 1, "tried": 3, "first": [False]} and solver.ranks == [7]
     u, s, vh = torch.linalg.svd(second)
     torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh, atol=1e-5, rtol=0)
@@ -271,6 +273,34 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     for _ in range(2):
         double.threshold(0, second.double(), tau)
     assert counts["tried"] == 5 and counts["certified"] == 1  # float64: always the full SVD
+
+
+def test_tail_certificate_never_passes_a_singular_value_at_or_above_tau(monkeypatch):
+    """``_tail_below`` proves ``σ_{k+1} < τ`` from any rank-k deflation, or says it cannot: it
+    is False whenever ``σ_{k+1} ≥ τ``, True well below, and hands over to float64 (None) where
+    the float32 rounding of the deflation is not small against τ."""
+    generator = torch.Generator().manual_seed(5)
+    n, k = 128, 6
+    left = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+    verdicts = _record_certificates(monkeypatch)
+    for top, tail, tau, expected, blocks in [
+        (10.0, 0.4, 1.0, True, [(4, True)]),
+        (10.0, 0.9, 1.0, True, [(4, False), (1, True)]),
+        (10.0, 1.0, 1.0, False, [(4, False), (1, False)]),
+        (10.0, 1.02, 1.0, False, [(4, False), (1, False)]),
+        (1e6, 0.4, 1.0, None, []),  # float32: ‖M‖_F/τ too large
+    ]:
+        verdicts.clear()
+        values = torch.cat([torch.full((k,), top), tail * torch.linspace(1.0, 0.1, n - k)])
+        matrix = (left * values.to(torch.float64)) @ right.T
+        # A slightly wrong basis: still a rank-k deflation, so still a valid certificate.
+        basis = right[:, :k] + 1e-9 * torch.randn(n, k, generator=generator, dtype=torch.float64)
+        verdict = decomposition._tail_below(matrix.float(), matrix @ basis, basis, tau)
+        assert verdict is expected, (top, tail, verdict)
+        assert [(count, passed) for _, count, passed in verdicts] == blocks
+        if expected is None:
+            assert decomposition._tail_below(matrix, matrix @ basis, basis, tau) is True
 
 
 def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
@@ -307,8 +337,11 @@ def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     # The first thresholding of each module starts from the core's right singular vectors.
     assert all(core.right_singular is not None for core in cores)
     assert counts["first"] == [True, True], counts
-    # Early thresholds are certified in float32, late ones (small τ) in float64.
-    assert {(torch.float32, True), (torch.float64, True)} <= set(certificates), certificates
+    # Certified in float32, by the whole deflated core where σ_{k+1} is near τ (early
+    # thresholds), by its four row blocks where it is well below (later ones).
+    f32 = torch.float32
+    assert {(f32, 4, True), (f32, 1, True)} <= set(certificates), certificates
+    assert {dtype for dtype, _, _ in certificates} == {f32}
     assert certified.low_rank_ranks == full.low_rank_ranks
     assert certified.iterations == full.iterations and certified.lam == full.lam
     torch.testing.assert_close(certified.sparse_fraction, full.sparse_fraction, atol=1e-6, rtol=0)

@@ -31,6 +31,8 @@ _OVERSAMPLING = 10
 _CERTIFIED_MIN_SIZE = 64
 _CERTIFIED_EXTRA = 8
 _CERTIFIED_SWEEPS = 6
+# Row blocks of the certificate's first, cheaper test.
+_TAIL_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,8 @@ class _SvtState:
         self._full = full
         self._bases: list[Tensor | None] = [None] * num_modules
         self._starts: list[tuple[Tensor, Tensor] | None] = [None] * num_modules
+        # One float64 copy of each core per module, reused: a fresh one is page-faulted anew.
+        self._wide: dict[int, Tensor] = {}
         self._generator = generator
 
     def start_from(self, module: int, right_singular: tuple[Tensor, Tensor] | None) -> None:
@@ -271,19 +275,19 @@ class _SvtState:
     ) -> tuple[Tensor, Tensor, Tensor] | None:
         """Every singular triplet of ``matrix`` above ``τ``, proven complete, or ``None``.
 
-        Subspace iteration in float64 on the previous iteration's right singular vectors, with
-        Rayleigh–Ritz, until the Ritz residual ``R = MᵀU_k − V_k S_k`` of the ``k`` Ritz values
-        above ``τ`` is below ``4ε‖M‖_F`` of the working precision. Then ``M`` is, in the bases
-        ``[U_k U_⊥]``, ``[V_k V_⊥]``, block triangular ``[[S_k, R'], [0, M₂₂]]`` with
-        ``‖R'‖_F ≤ ‖R‖_F``. The certificate is a Cholesky factorisation of
-        ``τ²I − FFᵀ`` for ``F = M(I − V_kV_kᵀ)`` (``FFᵀ = MMᵀ − (MV_k)(MV_k)ᵀ``, float64): it
-        succeeds only if ``‖F‖₂ < τ``, so ``σ_{k+1}(M) < τ`` while ``σ_i(M) ≥ s_i > τ`` for
-        ``i ≤ k`` (interlacing): the kept rank is exactly the full SVD's. As ``D_τ`` is
-        non-expansive and ``D_τ`` of the block-diagonal part is ``U_k(S_k − τ)V_kᵀ``, the result
-        is within ``‖R‖_F`` of the exact ``D_τ(M)``, below the rounding of ``M`` itself.
+        Subspace iteration in float64 on the previous iteration's right singular vectors (after
+        one power step in float32), with Rayleigh–Ritz, until the Ritz residual
+        ``R = MᵀU_k − V_k S_k`` of the ``k`` Ritz values above ``τ`` is below ``4ε‖M‖_F`` of
+        the working precision. Then ``M`` is, in the bases ``[U_k U_⊥]``, ``[V_k V_⊥]``, block
+        triangular ``[[S_k, R'], [0, M₂₂]]`` with ``‖R'‖_F ≤ ‖R‖_F``. The certificate
+        ``_tail_below`` proves ``σ_{k+1}(M) < τ`` while ``σ_i(M) ≥ s_i > τ`` for ``i ≤ k``
+        (interlacing): the kept rank is exactly the full SVD's. As ``D_τ`` is non-expansive and
+        ``D_τ`` of the block-diagonal part is ``U_k(S_k − τ)V_kᵀ``, the result is within
+        ``‖R‖_F`` of the exact ``D_τ(M)``, below the rounding of ``M`` itself.
         """
         previous = self._bases[module]
         start = self._starts[module]
+        warm = previous is not None
         if previous is None and start is not None:
             # As wide as the core's singular values above τ, scaled to the target's norm, ask
             # (the certificate decides, whatever the guess).
@@ -300,18 +304,31 @@ class _SvtState:
         width = self.ranks[module] + _CERTIFIED_EXTRA + 1
         if 2 * width > cols:
             return None
-        wide = matrix.to(torch.float64)
+        wide = self._wide.get(module)
+        if wide is None or wide.shape != matrix.shape:
+            wide = self._wide[module] = torch.empty_like(matrix, dtype=torch.float64)
+        wide.copy_(matrix)
         frobenius = float(torch.linalg.vector_norm(wide))
         tolerance = 4.0 * torch.finfo(matrix.dtype).eps * frobenius
-        basis = previous.to(torch.float64)
-        if basis.shape[1] != width:
+        basis = previous[:, :width]
+        if basis.shape[1] < width:
             # Own seed: the shared generator's stream (the subspace sketches) stays as it was.
             seeded = torch.Generator(device=wide.device).manual_seed(width)
-            missing = max(width - basis.shape[1], 0)
             extra = torch.randn(
-                cols, missing, dtype=wide.dtype, device=wide.device, generator=seeded
+                cols,
+                width - basis.shape[1],
+                dtype=basis.dtype,
+                device=wide.device,
+                generator=seeded,
             )
-            basis = torch.linalg.qr(torch.cat([basis[:, :width], extra], dim=1))[0]
+            basis = torch.cat([basis, extra], dim=1)
+            warm = True
+        if warm:
+            # One power step in float32 first: its rounding is far below the previous basis's
+            # distance to this target's subspace (it saves a third of the float64 sweeps).
+            thin = basis.to(matrix.dtype)
+            basis = torch.linalg.qr(matrix.T @ (matrix @ thin))[0]
+        basis = basis.to(torch.float64)
         for _ in range(_CERTIFIED_SWEEPS):
             image = wide @ basis
             # Rayleigh–Ritz through the small Gram: float64 resolves singular values down to
@@ -322,18 +339,16 @@ class _SvtState:
             if kept == width:
                 return None
             right = basis @ rotation
-            kept_image = image @ rotation[:, :kept]  # M V_k = U_k S_k
             back = (image.T @ wide).T  # Mᵀ M basis
             top = singular[:kept]
             residual = (back @ rotation[:, :kept]) / top - right[:, :kept] * top
             if float(torch.linalg.vector_norm(residual)) <= tolerance:
-                # The certificate in the core's own float32 while its rounding slack is small
-                # against τ² (the early, large thresholds), else in float64.
-                narrow = kept_image.to(matrix.dtype)
-                if not (
-                    _spectral_norm_below(matrix, narrow, tau)
-                    or _spectral_norm_below(wide, kept_image, tau)
-                ):
+                kept_image = image @ rotation[:, :kept]  # M V_k = U_k S_k
+                # In the core's float32 unless its rounding of the deflation is too large.
+                below = _tail_below(matrix, kept_image, right[:, :kept], tau)
+                if below is None:
+                    below = _tail_below(wide, kept_image, right[:, :kept], tau)
+                if not below:
                     return None
                 self._bases[module] = right.to(matrix.dtype)
                 left = (kept_image / top).to(matrix.dtype)
@@ -388,24 +403,54 @@ def _times_thin(matrix: Tensor, thin: Tensor) -> Tensor:
     return (thin.T @ matrix.T).T
 
 
-def _spectral_norm_below(matrix: Tensor, image: Tensor, tau: float) -> bool:
-    """Whether ``‖M(I − VVᵀ)‖₂ < τ`` for orthonormal ``V`` with ``image = MV``.
+def _tail_below(matrix: Tensor, image: Tensor, right: Tensor, tau: float) -> bool | None:
+    """Whether ``σ_{k+1}(M) < τ`` is proven, for ``image ≈ M V_k`` and ``right ≈ V_k``;
+    ``None`` where the rounding in ``M``'s dtype is too large against τ to tell.
 
-    Cholesky of ``(τ² − δ)I − (MMᵀ − image imageᵀ)`` succeeds only for a positive definite
-    matrix; ``δ`` covers the rounding of the Gram and of the factorisation in ``M``'s dtype.
-    Where ``δ`` leaves less than half of ``τ²`` the answer is no, before any Gram is formed
-    (in float32 the caller then asks again in float64).
+    Any rank-``k`` ``X`` gives ``σ_{k+1}(M) ≤ ‖M − X‖₂`` (Eckart–Young), here ``X = image
+    rightᵀ`` of the factors rounded to ``M``'s dtype, so neither needs to be exact or
+    orthonormal. ``F = M − X`` is formed in ``M``'s dtype (``e`` bounds its rounding) and
+    ``‖F‖₂² ≤ Σ_b ‖F_b‖₂²`` over row blocks ``F_b``: first four blocks, each proven below
+    ``(τ − e)²/4`` by a Cholesky factorisation of its small Gram shifted (cheap; the ALM's
+    later thresholds leave ``σ_{k+1}`` near τ/2), then the whole of ``F`` at ``(τ − e)²``.
     """
-    size = matrix.shape[0]
-    eps = torch.finfo(matrix.dtype).eps
-    slack = 16.0 * (size + 1) * eps * (float(torch.linalg.vector_norm(matrix)) ** 2 + tau**2)
-    if tau**2 <= 2.0 * slack:
+    dtype = matrix.dtype
+    eps = torch.finfo(dtype).eps
+    left, right = image.to(dtype), right.to(dtype)
+    deflated = torch.addmm(matrix, left, right.T, alpha=-1.0)
+    # ‖fl(F) − F‖_F ≤ γ_{k+1}(‖M‖_F + ‖image‖_F ‖right‖_F), twice over.
+    sizes = [float(torch.linalg.vector_norm(x)) for x in (matrix, left, right)]
+    bound = tau - 2.0 * (image.shape[1] + 2) * eps * (sizes[0] + sizes[1] * sizes[2])
+    if bound <= 0.5 * tau:
+        return None
+    rows = deflated.shape[0]
+    for blocks in (_TAIL_BLOCKS, 1):
+        parts = deflated.view(blocks, rows // blocks, -1) if rows % blocks == 0 else None
+        if parts is not None and _blocks_below(parts, bound**2 / blocks, eps):
+            return True
+    return False
+
+
+def _blocks_below(blocks: Tensor, squared_bound: float, eps: float) -> bool:
+    """Whether every ``‖F_b‖₂² < squared_bound`` for the blocks ``F_b`` (``w x cols``).
+
+    A Cholesky factorisation of ``(t − δ)I − F_bF_bᵀ`` that runs to completion gives
+    ``R̃ᵀR̃ = A + ΔA`` with ``‖ΔA‖₂ ≤ γ_{w+1} tr(A)/(1 − γ_{w+1})`` (Higham, Thm 10.3), and the
+    Gram's rounding is at most ``γ_cols ‖F_b‖_F²``: ``δ`` covers both twice over. Where
+    ``‖F_b‖₂² < t`` is possible at all, ``δ`` is a few percent of ``t`` in float32.
+    """
+    count, width, cols = blocks.shape
+    if count == 1:
+        grams = symmetric_gram(blocks[0]).unsqueeze(0)
+    else:
+        grams = torch.bmm(blocks, blocks.transpose(1, 2))
+    squares = torch.linalg.vector_norm(blocks, dim=(1, 2)).square()
+    slack = 2.0 * eps * ((cols + 2) * squares + (width + 2) * width * squared_bound)
+    shift = squared_bound - slack
+    if not bool((shift > 0.5 * squared_bound).all()):
         return False
-    gram = symmetric_gram(matrix)
-    if image.shape[1]:
-        gram = gram - image @ image.T
-    shifted = torch.diag_embed(gram.new_full((size,), tau**2 - slack)) - gram
-    return int(torch.linalg.cholesky_ex(shifted)[1]) == 0
+    grams.neg_().diagonal(dim1=1, dim2=2).add_(shift[:, None])
+    return not bool(torch.linalg.cholesky_ex(grams)[1].any())
 
 
 def _shrink_factors(
