@@ -5,11 +5,12 @@
 
 Calls with every check and with ``collusion`` and ``support`` left out are interleaved (same
 machine load), on a federation without attackers and on one where 20% of the clients send one
-identical message (the benign mean), so the leave-group-out re-estimation runs. Also the
-share of each full call spent in the two checks (its ``collusion_groups`` and
-``collusion_support`` steps, from the call's own timings, so machine load cancels), and the
-ratio of the call plus every client's write-back at rank r (the write-back reuses the
-collusion check's row-basis Gram). Medians of the repeats.
+identical message (the benign mean), so the leave-group-out re-estimation runs. The ratio is
+of CPU seconds (the process's, one thread): on a shared machine the wall clock also counts the
+time the call waits for a core, which other jobs decide (it is printed too). Also the share of
+each full call spent in the two checks (its ``collusion_groups`` and ``collusion_support``
+steps, from the call's own timings), and the ratio of the call plus every client's write-back
+at rank r (the write-back reuses the collusion check's row-basis Gram). Medians of the repeats.
 """
 
 from __future__ import annotations
@@ -47,17 +48,18 @@ def new_steps(laps):
 
 
 def timed(updates, rank, **options):
-    """Seconds of the call, the checks' share of it, and seconds of the call plus the write-back.
+    """CPU and wall seconds of the call, the checks' share of it, and CPU seconds of the call
+    plus the write-back.
 
     The write-back reuses the collusion check's row-basis Gram; without the check it forms
     that Gram itself, so the round (call + write-back) is where the checks' net cost shows.
     """
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = clair_aggregate(updates, **options)
-    call = time.perf_counter() - start
+    call, call_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     list(result.refined.at_rank(rank))
-    laps = result.diagnostics["seconds"]
-    return call, new_steps(laps) / sum(laps.values()), time.perf_counter() - start
+    laps = result.diagnostics["cpu_seconds"]
+    return call_cpu, call, new_steps(laps) / sum(laps.values()), time.process_time() - start_cpu
 
 
 def main() -> None:
@@ -73,26 +75,23 @@ def main() -> None:
     for fraction in (0.0, 0.2):
         updates = federation(num_clients, d, rank, fraction)
         clair_aggregate(updates)  # warm-up
-        full, reduced, shares, full_rounds, reduced_rounds = [], [], [], [], []
+        runs = {"full": [], "reduced": []}
         for _ in range(args.repeats):
-            seconds, _, round_seconds = timed(updates, rank, checks=WITHOUT_NEW_CHECKS)
-            reduced.append(seconds)
-            reduced_rounds.append(round_seconds)
+            runs["reduced"].append(timed(updates, rank, checks=WITHOUT_NEW_CHECKS))
             time.sleep(0.3)
-            seconds, share, round_seconds = timed(updates, rank)
-            full.append(seconds)
-            shares.append(share)
-            full_rounds.append(round_seconds)
+            runs["full"].append(timed(updates, rank))
             time.sleep(0.3)
-        with_checks, without = statistics.median(full), statistics.median(reduced)
-        round_with = statistics.median(full_rounds)
-        round_without = statistics.median(reduced_rounds)
+        full, reduced = (
+            [statistics.median(column) for column in zip(*runs[name], strict=True)]
+            for name in ("full", "reduced")
+        )
         print(
-            f"{fraction:.0%} identical colluders: all checks {with_checks * 1000:.0f} ms, without "
-            f"them {without * 1000:.0f} ms: ratio {with_checks / without:.2f} (goal ≤ 1.20); "
-            f"share of a call in the two checks {statistics.median(shares):.1%}; with every "
-            f"client's rank-{rank} write-back {round_with * 1000:.0f} against "
-            f"{round_without * 1000:.0f} ms: ratio {round_with / round_without:.2f}"
+            f"{fraction:.0%} identical colluders: all checks {full[0] * 1000:.0f} CPU ms, "
+            f"without them {reduced[0] * 1000:.0f}: ratio {full[0] / reduced[0]:.2f} "
+            f"(goal ≤ 1.20; wall-clock {full[1] * 1000:.0f} against {reduced[1] * 1000:.0f} ms, "
+            f"{full[1] / reduced[1]:.2f}); share of a call in the two checks {full[2]:.1%}; "
+            f"with every client's rank-{rank} write-back {full[3] * 1000:.0f} against "
+            f"{reduced[3] * 1000:.0f} CPU ms: ratio {full[3] / reduced[3]:.2f}"
         )
 
 

@@ -286,3 +286,49 @@ def test_gap_rule_counts_missing_singular_values_as_zero():
     assert choose_rank(tiny, "gap", cap=10, decomposition_rank=1) == 3
     # Below the float32 floor the small values are rounding noise, not directions.
     assert choose_rank(tiny, "gap", cap=10, decomposition_rank=1, relative_floor=3e-3) == 1
+
+
+def test_coefficient_gram_from_the_row_basis_grams_matches_the_dense_coefficients(monkeypatch):
+    """With the collusion check on, the direction and norm checks take their coefficient Gram
+    from its row-basis Grams on the cores and map the subspace to ``d_out`` once, at the end.
+    Without those Grams they use every client's dense coefficients against the ambient
+    subspace: same flags, scores, subspaces and refined updates."""
+    from clair_lightning.core import clair
+    from clair_lightning.core.attacks import contaminate
+
+    federation = synthetic_federation(
+        16,
+        d_out=40,
+        d_in=30,
+        rank=[3, 4] * 8,
+        subspace_rank=3,
+        noise=0.05,
+        num_modules=2,
+        heterogeneity=0.5,
+        generator=torch.Generator().manual_seed(3),
+        dtype=torch.float64,
+    )
+    attackers = [2, 9, 13]
+    updates = contaminate(federation.updates, [k in attackers for k in range(16)], "sign_flip")
+    paths = []
+    from_bases, dense = clair._coefficient_gram_from_bases, clair._coefficient_gram
+    monkeypatch.setattr(
+        clair, "_coefficient_gram_from_bases", lambda *a: paths.append("bases") or from_bases(*a)
+    )
+    monkeypatch.setattr(clair, "_coefficient_gram", lambda *a: paths.append("dense") or dense(*a))
+    fast = clair_aggregate(updates)
+    compress_all = clair._compress_all
+    monkeypatch.setattr(clair, "_compress_all", lambda *a: (*compress_all(*a)[:3], {}))
+    reference = clair_aggregate(updates)
+
+    assert paths == ["bases", "dense"]
+    assert fast.contaminated == reference.contaminated == [k in attackers for k in range(16)]
+    for name in ("direction_z", "consensus_projection", "norm_z", "scores"):
+        got = fast.scores if name == "scores" else fast.score_components[name]
+        expected = reference.scores if name == "scores" else reference.score_components[name]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-9, atol=1e-9)
+    for name, basis in fast.subspaces.items():
+        torch.testing.assert_close(basis, reference.subspaces[name], rtol=0, atol=0)
+    for got, expected in zip(fast.refined, reference.refined, strict=True):
+        for name, (b, a) in got.items():
+            torch.testing.assert_close(b @ a, expected[name][0] @ expected[name][1])

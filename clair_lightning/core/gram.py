@@ -49,8 +49,19 @@ def compressed_product_gram(
         return _factors_product_gram([validated.updates[k][module.name] for k in module.clients])
     if basis_gram is None:
         basis_gram = row_basis_gram(validated, module)
+    return blockwise_product_gram(module, stacking_gram, basis_gram)
+
+
+def blockwise_product_gram(
+    module: CompressedModule, column_gram: Tensor, basis_gram: RowBasisGram
+) -> Tensor:
+    """``‖Θ_i‖ ‖Θ_j‖ Σ (X_iᵀX_j) ⊙ (Q_iᵀQ_j)`` over client blocks (``K' x K'``, float64).
+
+    ``column_gram`` is ``XᵀX`` for unit-norm column blocks ``X_k`` of the clients' compressed
+    updates, or of any linear map of them (e.g. their coefficients in a subspace).
+    """
     owner = module.block_owner
-    unit = _blockwise_sums(stacking_gram * basis_gram.gram, owner, len(module.clients))
+    unit = _blockwise_sums(column_gram * basis_gram.gram, owner, len(module.clients))
     norms = module.norms.to(torch.float64)
     return unit * norms[:, None] * norms[None, :]
 
@@ -66,9 +77,8 @@ def _factors_product_gram(factors: list[tuple[Tensor, Tensor]]) -> Tensor:
 
 def _blockwise_sums(elementwise: Tensor, owner: Tensor, count: int) -> Tensor:
     """Sums of the client blocks of a ``Σr x Σr`` matrix: a ``K x K`` matrix (float64)."""
-    indicator = torch.zeros(count, owner.numel(), dtype=elementwise.dtype, device=owner.device)
-    indicator[owner, torch.arange(owner.numel(), device=owner.device)] = 1.0
-    return (indicator @ elementwise @ indicator.T).to(torch.float64)
+    rows = elementwise.new_zeros(count, owner.numel()).index_add_(0, owner, elementwise)
+    return rows.new_zeros(count, count).index_add_(1, owner, rows).to(torch.float64)
 
 
 def squared_distances(gram: Tensor) -> Tensor:
