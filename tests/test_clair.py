@@ -332,3 +332,52 @@ def test_coefficient_gram_from_the_row_basis_grams_matches_the_dense_coefficient
     for got, expected in zip(fast.refined, reference.refined, strict=True):
         for name, (b, a) in got.items():
             torch.testing.assert_close(b @ a, expected[name][0] @ expected[name][1])
+
+
+@pytest.mark.parametrize(
+    ("attack", "options"),
+    [("inner_product_manipulation", {"epsilon": -1.0}), ("rank1_off_subspace", {})],
+)
+def test_leave_group_out_subspace_is_warm_started_with_the_same_result(
+    monkeypatch, attack, options
+):
+    """A group's rest (identical colluders; carriers of a minority direction) is estimated
+    from the reference set's leading vectors (one power iteration instead of a random sketch
+    and two): same flags and scores, and the same subspace and refined updates within float
+    tolerance, as the cold randomized SVD."""
+    from clair_lightning.core import clair
+    from clair_lightning.core.attacks import contaminate
+
+    federation = synthetic_federation(
+        40,
+        d_out=160,
+        d_in=24,
+        rank=8,
+        subspace_rank=4,
+        noise=0.05,
+        generator=torch.Generator().manual_seed(5),
+        dtype=torch.float64,
+    )
+    colluders = [k < 8 for k in range(40)]  # 320 core columns: the randomized SVD
+    updates = contaminate(
+        federation.updates, colluders, attack, generator=torch.Generator().manual_seed(0), **options
+    )
+    starts = []
+    nearest = clair._SubspaceEstimator._nearest_superset
+    monkeypatch.setattr(
+        clair._SubspaceEstimator,
+        "_nearest_superset",
+        lambda self, members: starts.append(nearest(self, members)) or starts[-1],
+    )
+    warm = clair_aggregate(updates)
+    monkeypatch.setattr(clair._SubspaceEstimator, "_nearest_superset", lambda *a: None)
+    cold = clair_aggregate(updates)
+
+    assert starts and all(start is not None for start in starts)
+    assert warm.contaminated == cold.contaminated == colluders
+    torch.testing.assert_close(torch.tensor(warm.scores), torch.tensor(cold.scores))
+    for name, basis in warm.subspaces.items():
+        torch.testing.assert_close(basis @ basis.T, cold.subspaces[name] @ cold.subspaces[name].T)
+    for got, expected in zip(warm.refined, cold.refined, strict=True):
+        for name, (b, a) in got.items():
+            torch.testing.assert_close(b @ a, expected[name][0] @ expected[name][1])

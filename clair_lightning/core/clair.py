@@ -330,6 +330,7 @@ class _SubspaceEstimator:
         self._max_rank = max_rank
         self._generator = generator
         self._estimates: dict[tuple[bool, ...], list[Tensor]] = {}
+        self._leading: dict[tuple[bool, ...], list[Tensor]] = {}
         client_weights = validated.weights[modules[0].clients].sqrt()
         # Column scales that turn the normalised core back into the weighted raw stacking.
         self._column_scales = [
@@ -339,21 +340,35 @@ class _SubspaceEstimator:
             for module in modules
         ]
 
-    def estimate(self, members: Tensor) -> list[Tensor]:
+    def estimate(self, members: Tensor, warm: bool = False) -> list[Tensor]:
         """Per module, an orthonormal core-space basis of the members' weighted stacking.
 
         Kept per set of members: the collaborative set is often one a check already measured
-        against (a flagged group's rest), and its randomized SVDs are not repeated.
+        against (a flagged group's rest), and its randomized SVDs are not repeated. ``warm``
+        starts them from the leading vectors of the smallest estimated superset of
+        ``members`` (a group's rest within the reference set: 5 against 12 ms at d = 4096,
+        K = 64), when there is one.
         """
         key = tuple(members.tolist())
         if key not in self._estimates:
-            self._estimates[key] = self._estimate(members)
+            start = self._nearest_superset(members) if warm else None
+            self._estimates[key], self._leading[key] = self._estimate(members, start)
         return self._estimates[key]
 
-    def _estimate(self, members: Tensor) -> list[Tensor]:
-        bases = []
-        for module, core, scale, low_rank_rank in zip(
-            self._modules, self._cores, self._column_scales, self._low_rank_ranks, strict=True
+    def _nearest_superset(self, members: Tensor) -> list[Tensor] | None:
+        supersets = [
+            key
+            for key in self._leading
+            if bool((torch.tensor(key, device=members.device) | ~members).all())
+        ]
+        return self._leading[min(supersets, key=sum)] if supersets else None
+
+    def _estimate(
+        self, members: Tensor, starts: list[Tensor] | None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        bases, leading = [], []
+        for position, (module, core, scale, low_rank_rank) in enumerate(
+            zip(self._modules, self._cores, self._column_scales, self._low_rank_ranks, strict=True)
         ):
             columns = members[module.block_owner]
             weighted = core.matrix[:, columns] * scale[columns]
@@ -367,12 +382,14 @@ class _SubspaceEstimator:
                 if self._rule in ("gap", "energy")
                 else min(cap, self._rule if isinstance(self._rule, int) else low_rank_rank) + 1
             )
-            basis, singular = leading_left_singular(weighted, wanted, self._generator)
+            start = None if starts is None else starts[position]
+            basis, singular = leading_left_singular(weighted, wanted, self._generator, start)
             rank = choose_rank(
                 singular, self._rule, cap, low_rank_rank, numerical_floor(weighted.dtype)
             )
             bases.append(basis[:, :rank])
-        return bases
+            leading.append(basis)
+        return bases, leading
 
     def minority_carriers(self, core_bases: list[Tensor], members: Tensor) -> list[_MinorityGroup]:
         """Groups of members carrying directions of the shared subspace most members do not carry.
@@ -578,7 +595,7 @@ def _minority_support(
             continue
         if size < _SMALLEST_MINORITY and group.directions < _SMALL_GROUP_DIRECTIONS:
             continue
-        rest_bases = estimator.estimate(rest)
+        rest_bases = estimator.estimate(rest, warm=True)
         residual = estimator.residual_fraction(rest_bases)
         gained = residual.square() - before
         z = robust_z(residual, rest & independent, floor)
@@ -609,7 +626,7 @@ def _group_evidence(
     if int(rest.sum()) <= int((group & reference).sum()):
         return torch.zeros(int(group.sum()), dtype=torch.float64, device=group.device)
     off_floor, typical_floor = floors
-    residual = estimator.residual_fraction(estimator.estimate(rest))
+    residual = estimator.residual_fraction(estimator.estimate(rest, warm=True))
     outside_z = robust_z(residual, rest, off_floor)
     clean_z = robust_z(-residual.clamp_min(_CLEAN_SHARE).log(), rest, typical_floor)
     closeness = -centre_distance(gram, rest, weights).clamp_min(1e-12).log()

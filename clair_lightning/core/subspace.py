@@ -15,23 +15,37 @@ _ENERGY_FRACTION = 0.9
 
 
 def leading_left_singular(
-    stacked: Tensor, count: int, generator: torch.Generator | None = None
+    stacked: Tensor,
+    count: int,
+    generator: torch.Generator | None = None,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top ``count`` left singular vectors and values of ``stacked`` (``d_out x n``).
 
     Narrow stackings take a thin SVD; wide ones a randomized SVD with two power iterations,
     which is exact for exactly low-rank data and accurate to the spectral gap otherwise.
+    ``start``, leading left singular vectors of a stacking with a few more columns (a
+    superset of clients), replaces the random sketch's first two passes: its columns plus
+    the oversampling's random ones take one power iteration.
     """
     count = min(count, *stacked.shape)
     if stacked.shape[1] <= _FULL_SVD_MAX_COLUMNS:
         u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
         return u[:, :count], s[:count]
     width = min(count + _OVERSAMPLING, *stacked.shape)
+    known = 0 if start is None else min(start.shape[1], width)
     sketch = torch.randn(
-        stacked.shape[1], width, dtype=stacked.dtype, device=stacked.device, generator=generator
+        stacked.shape[1],
+        width - known,
+        dtype=stacked.dtype,
+        device=stacked.device,
+        generator=generator,
     )
-    basis, _ = torch.linalg.qr(stacked @ sketch)
-    for _ in range(2):
+    basis = stacked @ sketch
+    if start is not None:
+        basis = torch.cat([start[:, :known], basis], dim=1)
+    basis, _ = torch.linalg.qr(basis)
+    for _ in range(2 if start is None else 1):
         basis, _ = torch.linalg.qr(stacked @ (stacked.T @ basis))
     u_small, s, _ = torch.linalg.svd(basis.T @ stacked, full_matrices=False)
     return (basis @ u_small)[:, :count], s[:count]
