@@ -8,6 +8,7 @@ from clair_lightning import clair_aggregate
 from clair_lightning.core import decomposition
 from clair_lightning.core.compression import (
     StackingCore,
+    _row_norms,
     compress_module,
     compress_with_gram,
     row_basis_gram,
@@ -144,6 +145,19 @@ def test_product_gram_from_the_compression_equals_the_factors_gram(updates, repe
     if stacking_gram(module) is not None:
         distance = squared_distances(compressed)[-1, -2]
         assert float(distance) <= 1e-12 * scale
+
+
+def test_row_norms_neither_overflow_nor_underflow_in_float32():
+    """Float32 norms where every square is safe, float64 blocks where one is not."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, 64, generator=generator)
+    expected = torch.linalg.vector_norm(rows.double(), dim=1)
+    torch.testing.assert_close(_row_norms(rows).double(), expected, rtol=1e-6, atol=0)
+    rows[7] *= 1e25  # squares overflow float32
+    rows[9] *= 1e-25  # squares underflow
+    rows[11] = 0.0
+    expected = torch.linalg.vector_norm(rows.double(), dim=1)
+    torch.testing.assert_close(_row_norms(rows), expected, rtol=1e-12, atol=0)
 
 
 def test_stacking_is_applied_from_the_factors():
