@@ -199,7 +199,7 @@ def clair_aggregate(
     support_z = torch.zeros_like(off_z)
     if "support" in checks:
         support_z = _minority_support(
-            subspace_estimator, core_subspaces, ~flags, independent, off_subspace_floor
+            subspace_estimator, core_subspaces, residual, ~flags, independent, off_subspace_floor
         )
         flags = flags | (support_z > threshold)
     statistics.update(collusion=group_z, support=support_z)
@@ -564,6 +564,7 @@ def _one_per_group(clients: Tensor, groups: list[Tensor]) -> Tensor:
 def _minority_support(
     estimator: _SubspaceEstimator,
     core_bases: list[Tensor],
+    residual: Tensor,
     reference: Tensor,
     independent: Tensor,
     floor: float,
@@ -582,10 +583,11 @@ def _minority_support(
     ``_SUPPORT_ENERGY`` of its squared norm to the rest's subspace: a benign cluster sharing a
     task carries its direction weakly (measured on the text-copying recipe: 0.06–0.13),
     colluders who add a term to move the aggregate put a real share of their energy there (0.5
-    in ``rank1_off_subspace``).
+    in ``rank1_off_subspace``). ``residual`` is every client's against ``core_bases`` (the
+    off-subspace check's).
     """
     support_z = torch.zeros(len(reference), dtype=torch.float64, device=reference.device)
-    before = estimator.residual_fraction(core_bases).square()
+    before = residual.square()
     for group in estimator.minority_carriers(core_bases, reference):
         size = len(group.carriers)
         carriers = torch.zeros_like(reference)
@@ -596,9 +598,9 @@ def _minority_support(
         if size < _SMALLEST_MINORITY and group.directions < _SMALL_GROUP_DIRECTIONS:
             continue
         rest_bases = estimator.estimate(rest, warm=True)
-        residual = estimator.residual_fraction(rest_bases)
-        gained = residual.square() - before
-        z = robust_z(residual, rest & independent, floor)
+        rest_residual = estimator.residual_fraction(rest_bases)
+        gained = rest_residual.square() - before
+        z = robust_z(rest_residual, rest & independent, floor)
         carrying = carriers & (gained >= _SUPPORT_ENERGY)
         support_z[carrying] = torch.maximum(support_z[carrying], z[carrying])
     return support_z
