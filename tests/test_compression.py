@@ -290,31 +290,36 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
 
 
 def test_tail_certificate_never_passes_a_singular_value_at_or_above_tau(monkeypatch):
-    """``_tail_below`` proves ``σ_{k+1} < τ`` from any rank-k deflation, or says it cannot: it
-    is False whenever ``σ_{k+1} ≥ τ``, True well below, and hands over to float64 (None) where
-    the float32 rounding of the deflation is not small against τ."""
+    """``_tail_below`` proves ``σ_{k+1} < τ`` (τ = 1) from any rank-k deflation, or says it
+    cannot: it is False whenever ``σ_{k+1} ≥ τ``, True below by as many blocks as the estimate
+    allows, and hands over to float64 (None) where the float32 rounding of the deflation is
+    not small against τ."""
     generator = torch.Generator().manual_seed(5)
     n, k = 128, 6
     left = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
     right = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
     verdicts = _record_certificates(monkeypatch)
-    for top, tail, tau, expected, blocks in [
-        (10.0, 0.4, 1.0, True, [(4, True)]),
-        (10.0, 0.9, 1.0, True, [(4, False), (1, True)]),
-        (10.0, 1.0, 1.0, False, [(4, False), (1, False)]),
-        (10.0, 1.02, 1.0, False, [(4, False), (1, False)]),
-        (1e6, 0.4, 1.0, None, []),  # float32: ‖M‖_F/τ too large
+    # (σ_1..σ_k, σ_{k+1}, the estimate of σ_{k+1} that picks the blocks, verdict, blocks tried)
+    for top, tail, estimate, expected, blocks in [
+        (10.0, 0.4, 0.4, True, [(4, True)]),
+        (10.0, 0.6, 0.6, True, [(2, True)]),
+        (10.0, 0.9, 0.9, True, [(1, True)]),
+        (10.0, 0.9, 0.0, True, [(4, False), (1, True)]),  # an estimate too low costs a try
+        (10.0, 1.0, 1.0, False, [(1, False)]),
+        (10.0, 1.02, 0.0, False, [(4, False), (1, False)]),
+        (1e6, 0.4, 0.4, None, []),  # float32: ‖M‖_F/τ too large
     ]:
         verdicts.clear()
         values = torch.cat([torch.full((k,), top), tail * torch.linspace(1.0, 0.1, n - k)])
         matrix = (left * values.to(torch.float64)) @ right.T
         # A slightly wrong basis: still a rank-k deflation, so still a valid certificate.
         basis = right[:, :k] + 1e-9 * torch.randn(n, k, generator=generator, dtype=torch.float64)
-        verdict = decomposition._tail_below(matrix.float(), matrix @ basis, basis, tau)
+        image = matrix @ basis
+        verdict = decomposition._tail_below(matrix.float(), image, basis, 1.0, estimate)
         assert verdict is expected, (top, tail, verdict)
-        assert [(count, passed) for _, count, passed in verdicts] == blocks
+        assert [(count, passed) for _, count, passed in verdicts] == blocks, (tail, verdicts)
         if expected is None:
-            assert decomposition._tail_below(matrix, matrix @ basis, basis, tau) is True
+            assert decomposition._tail_below(matrix, image, basis, 1.0, estimate) is True
 
 
 def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
