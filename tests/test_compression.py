@@ -405,7 +405,7 @@ def test_row_basis_gram_gives_the_stacked_a_gram_of_any_clients(updates, repeat_
     if stacking_gram(module) is not None:
         formed_here = compressed_product_gram(validated, module, stacking_gram(module))
         torch.testing.assert_close(compressed, formed_here, rtol=0, atol=0)
-    together, gram = compress_with_gram(validated, "m", validated.included)  # one stacking
+    together, gram, _ = compress_with_gram(validated, "m", validated.included)  # one stacking
     torch.testing.assert_close(together.norms, module.norms, rtol=0, atol=0)
     assert (gram is None) == (stacking_gram(module) is None)
     if gram is not None:

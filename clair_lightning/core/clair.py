@@ -523,7 +523,9 @@ def _compress_all(
     One module at a time: its stacking and Gram live only until its core and its share of the
     product Gram are formed. Each module's products are scaled by its median client norm so
     every module weighs alike. The product Gram's row-basis Grams are kept (one ``Σr x Σr``
-    matrix per module): the write-back forms its row bases from them.
+    matrix per module): the write-back forms its row bases from them. The row bases are
+    written over the spent stacking (a fresh allocation page-faulted, and left the next
+    module's stacking to page-fault too: compress +5 CPU ms at d = 4096, K = 64).
     """
     modules, cores = [], []
     basis_grams: dict[str, RowBasisGram] = {}
@@ -533,14 +535,17 @@ def _compress_all(
             len(clients), len(clients), dtype=torch.float64, device=validated.device
         )
     for name in validated.module_names:
-        module, gram = compress_with_gram(validated, name, clients)
+        module, gram, stacking = compress_with_gram(validated, name, clients)
+        reusable = stacking if products is not None else None  # memory for the row bases
+        del stacking
         timer.lap("compress")
         cores.append(stacking_core(module, gram))
         modules.append(module)
         timer.lap("core")
         if products is not None:
             if gram is not None:
-                basis_grams[name] = row_basis_gram(validated, module)
+                basis_grams[name] = row_basis_gram(validated, module, out=reusable)
+            del reusable
             scale = float(module.norms.median().clamp_min(1e-30))
             products += (
                 compressed_product_gram(validated, module, gram, basis_grams.get(name)) / scale**2
