@@ -55,7 +55,7 @@ from clair_lightning.federation.adapters import lora_layers, read_update
 from clair_lightning.federation.grouped import (
     grouped_completion_steps,
     grouped_lora,
-    pack_sequences,
+    packed_rows,
 )
 from clair_lightning.federation.module import adapter_name
 from clair_lightning.federation.task import completion_step
@@ -208,7 +208,8 @@ def tokens_through_base(path: str, batches) -> int:
     if path == "grouped":
         return sum(len(batch["input_ids"]) for batch in batches) * length
     lengths = [int(n) for batch in batches for n in batch["attention_mask"].sum(1)]
-    return len(pack_sequences(lengths, length)) * length
+    layout, row_length = packed_rows(lengths, length)
+    return len(layout) * row_length
 
 
 def linear_weights(model) -> int:

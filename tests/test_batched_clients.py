@@ -68,9 +68,9 @@ def test_grouped_pass_gives_each_client_the_loss_and_gradient_of_its_own_pass(
     with grouped_lora(module.model, [adapter_name(k) for k in clients]) as packed:
         steps = grouped_completion_steps(module.model, batches, packed if packing else None)
         torch.stack([step.loss for step in steps]).sum().backward()
-    if packing:  # 9 sequences, 80 tokens: 8 rows of 12 (first fit decreasing: 7 + 5 share one)
-        assert packed.order is not None and sorted(packed.order.tolist()) == list(range(8 * 12))
-        assert packed.counts == [47, 22, 27]  # the first client's 31 tokens and 16 of padding
+    if packing:  # 9 sequences, 80 tokens: 4 rows of 21 (rows of the longest, 12, take 96)
+        assert packed.order is not None and sorted(packed.order.tolist()) == list(range(4 * 21))
+        assert packed.counts == [35, 22, 27]  # the first client's 31 tokens and 4 of padding
 
     torch.testing.assert_close(torch.stack([s.loss for s in steps]), torch.stack(expected_losses))
     for client, expected in zip(clients, expected_gradients, strict=True):
@@ -165,6 +165,48 @@ def test_packing_keeps_the_statistics_of_rows_with_no_or_one_real_token():
         for name in ("target_tokens", "correct_tokens", "exact_sequences", "sequences"):
             assert int(getattr(ours, name)) == int(getattr(theirs, name))
     assert int(steps[0].exact_sequences) == 2  # the empty and the one-token row: no targets
+
+
+@pytest.mark.parametrize("path", ["alone", "grouped", "packed"])
+def test_the_lm_head_runs_only_where_a_target_is_predicted(path):
+    torch.manual_seed(0)
+    module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=2, lora_rank=4)
+    generator = torch.Generator().manual_seed(2)
+    batches = [_batch(10, [10, 6], generator), _batch(10, [3, 8], generator)]
+    batches[1]["labels"][0] = -100  # a row with no target
+    with torch.no_grad():  # the reference: logits at every position, the loss of the targets
+        expected = []
+        for client, batch in enumerate(batches):
+            module.activate(client)
+            logits = module.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            expected.append(
+                (
+                    torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[mask]),
+                    int((logits[:, :-1].argmax(-1) == labels)[mask].sum()),
+                )
+            )
+    head_rows = []
+    head = module.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _a, out: head_rows.append(out.shape[:-1]))
+    try:
+        if path == "alone":
+            steps = []
+            for client, batch in enumerate(batches):
+                module.activate(client)
+                steps.append(completion_step(module.model, batch))
+        else:
+            with grouped_lora(module.model, [adapter_name(0), adapter_name(1)]) as packed:
+                packing = packed if path == "packed" else None
+                steps = grouped_completion_steps(module.model, batches, packing)
+    finally:
+        handle.remove()
+    targets = [8 + 4, 0 + 6]  # real tokens after the 2-token prompt, minus the first
+    assert head_rows == ([(n,) for n in targets] if path == "alone" else [(sum(targets),)])
+    for step, (loss, correct), n in zip(steps, expected, targets, strict=True):
+        assert int(step.target_tokens) == n and int(step.correct_tokens) == correct
+        assert step.loss.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_packing_refuses_a_model_that_attends_across_packed_sequences():

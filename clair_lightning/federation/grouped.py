@@ -8,8 +8,9 @@ stay peft's (save, load and aggregation see no difference). LoRA dropout, when s
 mask over the group rather than one per client (same distribution, other draws).
 
 Packed (``pack_client_groups``), the group's sequences lose their padding: they share rows of
-the longest length, position ids restart at each one (transformers' masks then keep attention
-within a sequence), and each client's LoRA term is one product over its own tokens. Packing
+one to two times the longest length (``packed_rows``), position ids restart at each one
+(transformers' masks then keep attention within a sequence), and each client's LoRA term is one
+product over its own tokens. Packing
 trusts the model to honour restarted position ids and needs right-padded rows; both are
 checked (``check_packing``) before the first packed step, and refused in one line otherwise.
 """
@@ -26,7 +27,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from .adapters import lora_layers
-from .task import StepOutput, step_output, token_statistics
+from .task import StepOutput, predicts_target, step_output, token_statistics
 
 
 @dataclass
@@ -93,7 +94,7 @@ def grouped_completion_steps(
     Batches shorter than the longest are right-padded (attention mask 0, label -100); under
     causal attention the padding changes nothing for the real positions, and each batch's
     statistics are taken on its own positions only. With ``packed`` (what ``grouped_lora``
-    yields) the real tokens of every sequence are packed instead (``pack_sequences``).
+    yields) the real tokens of every sequence are packed instead (``packed_rows``).
     """
     counts = {len(batch["input_ids"]) for batch in batches}
     if len(counts) != 1:
@@ -108,8 +109,9 @@ def grouped_completion_steps(
     attention_mask = torch.cat([padded(batch, "attention_mask", 0) for batch in batches])
     labels = torch.cat([padded(batch, "labels", -100) for batch in batches])
     if packed is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        statistics = token_statistics(logits, labels)
+        keep = predicts_target(labels)
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+        statistics = token_statistics(outputs.logits, labels)
     else:
         packed.counts = [0] * len(batches)
         rows_per_client = len(batches[0]["input_ids"])
@@ -197,6 +199,16 @@ def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def packed_rows(lengths: Sequence[int], longest: int) -> tuple[list[list[int]], int]:
+    """The packing (``pack_sequences``) and its row length, chosen between ``longest`` and twice
+    it, in eighths, for the fewest token positions: in rows of exactly the longest length every
+    sequence over half of it leaves the rest of its row empty (the SmolLM2 benchmark's 665
+    tokens took 864 positions so, and take 672 in rows of 48)."""
+    candidates = range(longest, 2 * longest + 1, max(1, longest // 8))
+    row_length = min(candidates, key=lambda c: (len(pack_sequences(lengths, c)) * c, c))
+    return pack_sequences(lengths, row_length), row_length
+
+
 def _packed_statistics(
     model: PeftModel,
     input_ids: Tensor,
@@ -205,8 +217,8 @@ def _packed_statistics(
     rows_per_client: int,
     packed: PackedTokens,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``token_statistics`` of the padded group, computed on its sequences packed into rows of
-    the longest length; position ids restart at each sequence, which makes the model's
+    """``token_statistics`` of the padded group, computed on its sequences packed into rows
+    (``packed_rows``); position ids restart at each sequence, which makes the model's
     attention block-diagonal (no sequence sees another), and the first token of each sequence
     is no target (unpacked, nothing predicts it)."""
     device = input_ids.device  # the layout is built on the CPU, element by element
@@ -215,8 +227,8 @@ def _packed_statistics(
     lengths = attention_mask.sum(1)
     if not _right_padded(attention_mask):
         raise ValueError(NOT_RIGHT_PADDED)
-    layout = pack_sequences(lengths.tolist(), length)
-    packed_ids = torch.zeros(len(layout), length, dtype=input_ids.dtype)
+    layout, row_length = packed_rows(lengths.tolist(), length)
+    packed_ids = torch.zeros(len(layout), row_length, dtype=input_ids.dtype)
     packed_labels = torch.full_like(packed_ids, -100)
     positions = torch.zeros_like(packed_ids)
     owner = torch.zeros_like(packed_ids)  # padding goes with client 0: no loss depends on it
@@ -230,17 +242,21 @@ def _packed_statistics(
             positions[row, offset : offset + n] = torch.arange(n)
             owner[row, offset : offset + n] = sequence // rows_per_client
             targets = max(n - 1, 0)  # an empty row has none
-            source[sequence, :targets] = row * (length - 1) + offset + torch.arange(targets)
+            source[sequence, :targets] = row * (row_length - 1) + offset + torch.arange(targets)
             offset += n
-        positions[row, offset:] = torch.arange(length - offset)  # padding: a segment of its own
+        positions[row, offset:] = torch.arange(row_length - offset)  # padding: a segment of its own
     packed.order = torch.argsort(owner.flatten(), stable=True).to(device)
     packed.counts = torch.bincount(owner.flatten(), minlength=len(packed.counts)).tolist()
+    packed_labels = packed_labels.to(device)
     logits = model(
-        input_ids=packed_ids.to(device), position_ids=positions.to(device), use_cache=False
+        input_ids=packed_ids.to(device),
+        position_ids=positions.to(device),
+        use_cache=False,
+        logits_to_keep=predicts_target(packed_labels),
     ).logits
     source = source.to(device)
     blank = source < 0
     return tuple(
         torch.where(blank, torch.zeros((), dtype=part.dtype), part.flatten()[source.clamp_min(0)])
-        for part in token_statistics(logits, packed_labels.to(device))
+        for part in token_statistics(logits, packed_labels)
     )

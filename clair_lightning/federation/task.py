@@ -27,25 +27,39 @@ class StepOutput:
 
 def completion_step(model: torch.nn.Module, batch: dict[str, Tensor]) -> StepOutput:
     """Forward a batch, return its mean loss (for backward) and summed statistics."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return completion_output(outputs.logits, batch["labels"])
+    labels = batch["labels"]
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        logits_to_keep=predicts_target(labels),
+    )
+    return step_output(*token_statistics(outputs.logits, labels))
 
 
-def completion_output(logits: Tensor, labels: Tensor) -> StepOutput:
-    """The mean loss and summed statistics of a batch's logits against its labels."""
-    return step_output(*token_statistics(logits, labels))
+def predicts_target(labels: Tensor) -> Tensor:
+    """The positions whose next token is a target, as ``logits_to_keep`` for the model: the LM
+    head and its vocabulary-wide logits are computed there only (SmolLM2's 49152 words made the
+    head and the log-softmax of every prompt and padding position a fifth of a training step)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
 
 
 def token_statistics(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each position's next-token loss, whether it is a target, and whether its argmax is right;
-    rows stay apart, so several clients' rows can be split after one pass over the vocabulary."""
-    logits = logits[:, :-1]
-    labels = labels[:, 1:]
-    mask = labels != -100
-    token_losses = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2).float(), labels.clamp_min(0), reduction="none"
-    )
-    correct = (logits.argmax(-1) == labels) & mask
+    """Each position's next-token loss, whether it is a target, and whether its argmax is right,
+    from the logits at the targets only (``logits_to_keep=predicts_target(labels)``, one row
+    per target in row-major order); rows stay apart, so several clients' rows can be split
+    after one pass over the vocabulary."""
+    mask = labels[:, 1:] != -100
+    targets = labels[:, 1:][mask]
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"expected logits at the {len(targets)} target positions only, got shape "
+            f"{tuple(logits.shape)}: the model ignores logits_to_keep as a boolean mask"
+        )
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    token_losses = losses.new_zeros(mask.shape).masked_scatter(mask, losses)
+    correct = torch.zeros_like(mask).masked_scatter(mask, logits.argmax(-1) == targets)
     return token_losses, mask, correct
 
 
