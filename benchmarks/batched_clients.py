@@ -23,13 +23,15 @@ timing. Batches of different lengths are right-padded to the longest (attention 
   row 32 real tokens (no padding anywhere: both paths do the same token-work).
 
 Where batches are padded, a third path, ``packed`` (``grouped_completion_steps(..., packed)``),
-packs the group's sequences into rows of the longest length without their padding (position
-ids restart per sequence, so attention stays within each one). Printed per path: the tokens the
-base computes, CPU seconds of the process (median over repeats) for the forward + backward and
-for the whole training step (with the K clips and AdamW steps) and its wall-clock, the share of
-the matrix products in one profiled step with the GFLOP/s the base's linear layers reach (4
-FLOPs per weight and token: forward and input gradient), and the peak resident memory of one
-step above the loaded model, each path in a process of its own.
+packs the group's sequences without their padding into rows of one to two times the longest
+length (``packed_rows``; position ids restart per sequence, so attention stays within each one).
+On every path the LM head runs at the target positions only (``logits_to_keep``). Printed per
+path: the tokens the base computes, CPU seconds of the process (median over repeats) for the
+forward + backward and for the whole training step (with the K clips and AdamW steps) and its
+wall-clock, the share of the matrix products in one profiled step with the GFLOP/s the base's
+linear layers reach (4 FLOPs per weight and token: forward and input gradient; the head's at
+the targets), and the peak resident memory of one step above the loaded model, each path in a
+process of its own.
 ``text-copy-fit`` trains the recipe's federation (``configs/text_copy.yaml`` at K clients) with
 Lightning, one client at a time and with ``client_group_size`` K/2 and K, and compares the CPU
 seconds of a round's local steps and the adapters it ends with.
@@ -58,7 +60,7 @@ from clair_lightning.federation.grouped import (
     packed_rows,
 )
 from clair_lightning.federation.module import adapter_name
-from clair_lightning.federation.task import completion_step
+from clair_lightning.federation.task import completion_step, predicts_target
 from clair_lightning.prepare import SMOLLM2 as SMOLLM2_RELEASE
 from clair_lightning.prepare import models_root
 from clair_lightning.recipes.text_copy import PretrainedCopyBase, TextCopyDataModule
@@ -212,13 +214,16 @@ def tokens_through_base(path: str, batches) -> int:
     return len(layout) * row_length
 
 
-def linear_weights(model) -> int:
-    """Weights of the base's linear layers, the LM head included (the LoRA factors excluded)."""
-    return sum(
+def linear_weights(model) -> tuple[int, int]:
+    """Weights of the base's linear layers (the LoRA factors excluded) below the LM head, and of
+    the head: the layers run at every token position, the head at the targets only."""
+    head = model.get_output_embeddings()
+    layers = sum(
         layer.weight.numel()
         for name, layer in model.named_modules()
-        if isinstance(layer, torch.nn.Linear) and "lora_" not in name
+        if isinstance(layer, torch.nn.Linear) and "lora_" not in name and layer is not head
     )
+    return layers, head.weight.numel()
 
 
 def matrix_product_share(step, path) -> float:
@@ -284,10 +289,11 @@ def measure(name: str, clients: int, repeats: int) -> None:
     )
     tokens = {path: tokens_through_base(path, batches) for path in paths}
     real = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    targets = sum(int(predicts_target(batch["labels"]).sum()) for batch in batches)
     print(
         "  tokens through the base: "
         + ", ".join(f"{path} {count}" for path, count in tokens.items())
-        + f" (real {real})"
+        + f" (real {real}, targets {targets})"
     )
     rows = ((0, "forward+backward"), (1, "training step   "), (2, "step wall-clock "))
     for index, label in rows:
@@ -304,11 +310,11 @@ def measure(name: str, clients: int, repeats: int) -> None:
         )
         print(f"  {path}: training step ratio of each repeat {paired[0]:.2f} to {paired[-1]:.2f}")
     print("  losses and gradients equal per client on every path")
-    weights = linear_weights(module.model)
+    layers, head = linear_weights(module.model)
     for path in paths:  # the profiler's op times are wall-clock: only their shares are used
         share = matrix_product_share(step, PATHS[path])
         products = share * statistics.median(t[0] for t in times[path])
-        flops = 4 * tokens[path] * weights  # forward and input gradient of the frozen linears
+        flops = 4 * (tokens[path] * layers + targets * head)  # forward and input gradient
         print(
             f"  {path}: matrix products {share:.0%} of the ops' time (one profiled step), "
             f"{products:.2f} CPU s of the forward+backward, base linears at "
