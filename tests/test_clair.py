@@ -381,3 +381,21 @@ def test_leave_group_out_subspace_is_warm_started_with_the_same_result(
     for got, expected in zip(warm.refined, cold.refined, strict=True):
         for name, (b, a) in got.items():
             torch.testing.assert_close(b @ a, expected[name][0] @ expected[name][1])
+
+
+def test_randomized_leading_singular_vectors_match_the_full_svd():
+    """Wide stackings take the randomized SVD (its small final SVD on the R of a QR), cold or
+    warm-started from a superset's leading vectors: the full SVD's values and vectors."""
+    from clair_lightning.core.subspace import leading_left_singular
+
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(300, 8, generator=generator, dtype=torch.float64))[0]
+    values = torch.linspace(80.0, 10.0, 8, dtype=torch.float64)
+    stacked = (left * values) @ torch.randn(8, 320, generator=generator, dtype=torch.float64)
+    u, s, _ = torch.linalg.svd(stacked[:, :300], full_matrices=False)
+    superset, _ = leading_left_singular(stacked, 8, generator)
+    for start in (None, superset):
+        basis, found = leading_left_singular(stacked[:, :300], 8, generator, start)
+        torch.testing.assert_close(found, s[:8], rtol=1e-9, atol=0)
+        alignment = (basis * u[:, :8]).sum(dim=0).abs()
+        torch.testing.assert_close(alignment, torch.ones_like(alignment))
