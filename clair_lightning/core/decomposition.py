@@ -154,16 +154,21 @@ def _inexact_alm(
             low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty, out=low_rank_target)
             torch.sub(shifted, low_rank, out=sparse[m])
         factors = _shrink_factors(sparse, owners, num_clients, lam / penalty, work)
-        # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ.
+        # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ; (1 − s) per
+        # column, for both passes below.
+        keeps = [
+            (1.0 - factors.to(target.dtype))[owner]
+            for target, owner in zip(sparse, owners, strict=True)
+        ]
         squared_residual = 0.0
-        for target, owner, y in zip(sparse, owners, duals, strict=True):
-            gap = _unshrunk(target, factors, owner, out=work[target.shape][0])
+        for target, keep, y in zip(sparse, keeps, duals, strict=True):
+            gap = torch.mul(target, keep, out=work[target.shape][0])
             gap.sub_(y, alpha=1.0 / penalty)
             squared_residual += float(torch.linalg.vector_norm(gap)) ** 2
         converged = float(squared_residual**0.5) <= tolerance * data_norm
         last = converged or iteration == max_iterations
-        for core, target, owner, y in zip(cores, sparse, owners, duals, strict=True):
-            rest = _unshrunk(target, factors, owner, out=work[target.shape][0])
+        for core, target, keep, y in zip(cores, sparse, keeps, duals, strict=True):
+            rest = torch.mul(target, keep, out=work[target.shape][0])
             if last:  # L = M + Y/μ − Z, in the dual's place
                 torch.add(core, y, alpha=1.0 / penalty, out=y).sub_(target)
             else:
@@ -173,11 +178,6 @@ def _inexact_alm(
             return duals, sparse, iteration, converged
         penalty = min(penalty * penalty_growth, max_penalty)
     return [torch.zeros_like(core) for core in cores], sparse, max_iterations, False
-
-
-def _unshrunk(target: Tensor, factors: Tensor, owner: Tensor, out: Tensor) -> Tensor:
-    """The part ``(1 − s) ⊙ Z`` of a target that block shrinkage leaves out of ``C``, in ``out``."""
-    return torch.mul(target, (1.0 - factors.to(target.dtype))[owner], out=out)
 
 
 def _fista(
