@@ -346,8 +346,8 @@ class _SubspaceEstimator:
         Kept per set of members: the collaborative set is often one a check already measured
         against (a flagged group's rest), and its randomized SVDs are not repeated. ``warm``
         starts them from the leading vectors of the smallest estimated superset of
-        ``members`` (a group's rest within the reference set: 5 against 12 ms at d = 4096,
-        K = 64), when there is one.
+        ``members`` (a group's rest within the reference set), when there is one: one power
+        iteration instead of a random sketch and two.
         """
         key = tuple(members.tolist())
         if key not in self._estimates:
@@ -525,8 +525,8 @@ def _compress_all(
     product Gram are formed. Each module's products are scaled by its median client norm so
     every module weighs alike. The product Gram's row-basis Grams are kept (one ``Σr x Σr``
     matrix per module): the write-back forms its row bases from them. The row bases are
-    written over the spent stacking (a fresh allocation page-faulted, and left the next
-    module's stacking to page-fault too: compress +5 CPU ms at d = 4096, K = 64).
+    written over the spent stacking: a fresh allocation page-faulted, and left the next
+    call's stacking to page-fault too (compress +5 CPU ms at d = 4096, K = 64).
     """
     modules, cores = [], []
     basis_grams: dict[str, RowBasisGram] = {}
