@@ -69,6 +69,50 @@ def test_honest_duplicates_are_not_flagged_for_similarity_alone():
     assert max(result.score_components["collusion_z"]) < THRESHOLD
 
 
+def _small_federation(num_clients=10, seed=4):
+    """Few clients with a 4-dimensional shared subspace: one client moves its own estimate."""
+    return synthetic_federation(
+        num_clients,
+        d_out=32,
+        d_in=24,
+        rank=4,
+        subspace_rank=4,
+        heterogeneity=0.5,
+        noise=0.3,
+        num_modules=2,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def test_copies_count_once_in_the_shared_subspace():
+    """Three mimics copying client 0: the shared subspace is the one of the seven independent
+    clients, as if the copies were not there (counted three times they tilt it to client 0)."""
+    federation = _small_federation()
+    copies = [k in (1, 2, 3) for k in range(10)]
+    mimicked = clair_aggregate(contaminate(federation.updates, copies, "mimic", victim=0))
+    without_copies = clair_aggregate([u for k, u in enumerate(federation.updates) if not copies[k]])
+    assert not any(mimicked.contaminated)
+    for name, subspace in without_copies.subspaces.items():
+        assert mimicked.subspaces[name].shape == subspace.shape
+        assert _subspace_error(mimicked.subspaces[name], subspace) < 1e-6
+
+
+def test_a_copied_client_is_not_flagged_but_colluders_sending_a_crafted_message_are():
+    """The same four identical updates are a copied benign client under mimic and a Min-Max
+    message otherwise. Left out of the rest's subspace the copied client scored z 6.2 against
+    the rest measured in sample; against the rest's own left-out shares it is ordinary."""
+    federation = _small_federation()
+    copies = [k in (1, 2, 3) for k in range(10)]
+    mimicked = clair_aggregate(contaminate(federation.updates, copies, "mimic", victim=0))
+    closeness = mimicked.score_components["closeness_z"]
+    assert all(closeness[k] > THRESHOLD for k in (0, 1, 2, 3))
+    assert max(mimicked.score_components["collusion_z"]) < THRESHOLD
+    assert not any(mimicked.contaminated)
+    crafted = clair_aggregate(contaminate(federation.updates, copies, "min_max_std"))
+    assert crafted.contaminated == copies
+    assert all(crafted.score_components["collusion_z"][k] > THRESHOLD for k in (1, 2, 3))
+
+
 def test_two_identical_colluders_are_flagged():
     """Two of ten clients send one ALIE message: a pair, flagged on the evidence against it."""
     federation = synthetic_federation(
