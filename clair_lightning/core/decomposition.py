@@ -256,19 +256,21 @@ class _SvtState:
         """``D_τ(matrix)``, written into ``out`` when given (it may be ``matrix`` itself)."""
         small = min(matrix.shape) <= _FULL_SVD_MAX_SIZE
         certified = self._certified_svd(module, matrix, tau) if small and not self._full else None
-        if certified is not None:
-            u, s, vh = certified
-        elif self._full or small:
-            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        if certified is not None:  # exactly the triplets above τ
+            left, top, right_t = certified
+            self.ranks[module] = top.shape[0]
         else:
-            u, s, vh = self._partial_svd(module, matrix, tau)
-        kept = int((s > tau).sum())
-        self.ranks[module] = kept
-        if certified is None and small and not self._full:  # the warm start of the next one
-            self._bases[module] = vh[: kept + _CERTIFIED_EXTRA + 1].T
-        if kept == 0:
+            if self._full or small:
+                u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            else:
+                u, s, vh = self._partial_svd(module, matrix, tau)
+            kept = self.ranks[module] = int((s > tau).sum())
+            if small and not self._full:  # the warm start of the next one
+                self._bases[module] = vh[: kept + _CERTIFIED_EXTRA + 1].T
+            left, top, right_t = u[:, :kept], s[:kept], vh[:kept]
+        if top.shape[0] == 0:
             return torch.zeros_like(matrix) if out is None else out.zero_()
-        return torch.matmul(u[:, :kept] * (s[:kept] - tau), vh[:kept], out=out)
+        return torch.matmul(left * (top - tau), right_t, out=out)
 
     def _certified_svd(
         self, module: int, matrix: Tensor, tau: float
@@ -336,20 +338,22 @@ class _SvtState:
             # 1e-7 of the largest, far below any threshold the ALM reaches.
             values, rotation = torch.linalg.eigh(image.T @ image)
             singular, rotation = values.flip(0).clamp_min(0).sqrt(), rotation.flip(1)
-            kept = int((singular > tau).sum())
+            listed = singular.tolist()  # one host copy for the count and the estimate
+            kept = sum(value > tau for value in listed)
             if kept == width:
                 return None
             right = basis @ rotation
             back = (image.T @ wide).T  # Mᵀ M basis
-            top = singular[:kept]
-            residual = (back @ rotation[:, :kept]) / top - right[:, :kept] * top
+            top, kept_rotation, kept_right = singular[:kept], rotation[:, :kept], right[:, :kept]
+            residual = (back @ kept_rotation) / top - kept_right * top
             if float(torch.linalg.vector_norm(residual)) <= tolerance:
-                kept_image = image @ rotation[:, :kept]  # M V_k = U_k S_k
+                kept_image = image @ kept_rotation  # M V_k = U_k S_k
                 # In the core's float32 unless its rounding of the deflation is too large.
-                estimate = float(singular[kept])  # ≤ σ_{k+1}: sets the certificate's blocks
-                below = _tail_below(matrix, kept_image, right[:, :kept], tau, estimate)
+                estimate = listed[kept]  # ≤ σ_{k+1}: sets the certificate's blocks
+                args = (kept_image, kept_right, tau, estimate, frobenius)
+                below = _tail_below(matrix, *args)
                 if below is None:
-                    below = _tail_below(wide, kept_image, right[:, :kept], tau, estimate)
+                    below = _tail_below(wide, *args)
                 if not below:
                     return None
                 self._bases[module] = right.to(matrix.dtype)
@@ -406,7 +410,12 @@ def _times_thin(matrix: Tensor, thin: Tensor) -> Tensor:
 
 
 def _tail_below(
-    matrix: Tensor, image: Tensor, right: Tensor, tau: float, estimate: float = 0.0
+    matrix: Tensor,
+    image: Tensor,
+    right: Tensor,
+    tau: float,
+    estimate: float = 0.0,
+    frobenius: float | None = None,
 ) -> bool | None:
     """Whether ``σ_{k+1}(M) < τ`` is proven, for ``image ≈ M V_k`` and ``right ≈ V_k``;
     ``None`` where the rounding in ``M``'s dtype is too large against τ to tell.
@@ -419,14 +428,17 @@ def _tail_below(
     at ``(τ − e)²``. Blocks are cheaper (four 64 x 64 Grams instead of one 256 x 256) and pass
     where ``σ_{k+1} < τ/√b``; ``estimate`` (the next Ritz value, ``≈ σ_{k+1}``) picks ``b``:
     the ALM's later thresholds leave ``σ_{k+1}`` near τ/2, its early ones near τ.
+    ``frobenius`` is ``‖M‖_F`` where the caller has it (in float64), else it is computed.
     """
     dtype = matrix.dtype
     eps = torch.finfo(dtype).eps
     left, right = image.to(dtype), right.to(dtype)
     deflated = torch.addmm(matrix, left, right.T, alpha=-1.0)
     # ‖fl(F) − F‖_F ≤ γ_{k+1}(‖M‖_F + ‖image‖_F ‖right‖_F), twice over.
-    sizes = [float(torch.linalg.vector_norm(x)) for x in (matrix, left, right)]
-    bound = tau - 2.0 * (image.shape[1] + 2) * eps * (sizes[0] + sizes[1] * sizes[2])
+    if frobenius is None:
+        frobenius = float(torch.linalg.vector_norm(matrix))
+    sizes = [float(torch.linalg.vector_norm(x)) for x in (left, right)]
+    bound = tau - 2.0 * (image.shape[1] + 2) * eps * (frobenius + sizes[0] * sizes[1])
     if bound <= 0.5 * tau:
         return None
     rows = deflated.shape[0]
@@ -451,11 +463,14 @@ def _blocks_below(blocks: Tensor, squared_bound: float, eps: float) -> bool:
         grams = symmetric_gram(blocks[0]).unsqueeze(0)
     else:
         grams = torch.bmm(blocks, blocks.transpose(1, 2))
-    squares = torch.linalg.vector_norm(blocks, dim=(1, 2)).square()
-    slack = 2.0 * eps * ((cols + 2) * squares + (width + 2) * width * squared_bound)
-    shift = squared_bound - slack
-    if not bool((shift > 0.5 * squared_bound).all()):
+    squares = torch.linalg.vector_norm(blocks, dim=(1, 2)).square().tolist()
+    shifts = [
+        squared_bound - 2.0 * eps * ((cols + 2) * square + (width + 2) * width * squared_bound)
+        for square in squares
+    ]
+    if min(shifts) <= 0.5 * squared_bound:
         return False
+    shift = torch.tensor(shifts, dtype=grams.dtype, device=grams.device)
     grams.neg_().diagonal(dim1=1, dim2=2).add_(shift[:, None])
     return not bool(torch.linalg.cholesky_ex(grams)[1].any())
 
