@@ -399,3 +399,29 @@ def test_randomized_leading_singular_vectors_match_the_full_svd():
         torch.testing.assert_close(found, s[:8], rtol=1e-9, atol=0)
         alignment = (basis * u[:, :8]).sum(dim=0).abs()
         torch.testing.assert_close(alignment, torch.ones_like(alignment))
+
+
+def test_support_projectors_match_the_blocks_svd():
+    """The support check's per-client projectors from the eigendecomposition of each block's
+    small Gram equal the ones from the blocks' left singular vectors, for float32 blocks with
+    a zero-padded column, a rank-deficient block and a floor between singular values."""
+    from clair_lightning.core.clair import _support_projectors
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randn(6, 5, 4, generator=generator)
+    blocks[:, :, 3] = 0  # a narrower client's padding
+    blocks[2] = torch.outer(
+        torch.randn(5, generator=generator), torch.randn(4, generator=generator)
+    )
+    left, singular, _ = torch.linalg.svd(blocks.to(torch.float64), full_matrices=False)
+    floor = singular[:, 1].square() * 0.999  # keeps the two leading directions of most blocks
+    floor[2] = singular[2, 0].square() * 1e-6  # far above its zero singular values' rounding
+    supported = left * (singular.square() >= floor[:, None])[:, None, :]
+    expected = supported @ supported.transpose(1, 2)
+
+    projectors = _support_projectors(blocks, floor)
+
+    assert projectors.dtype == torch.float64
+    torch.testing.assert_close(projectors, expected, rtol=0, atol=1e-10)
+    ranks = torch.linalg.matrix_rank(projectors).tolist()
+    assert ranks == [2, 2, 1, 2, 2, 2]
