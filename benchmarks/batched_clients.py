@@ -176,7 +176,9 @@ PATHS = {"one at a time": one_at_a_time, "grouped": grouped, "packed": packed}
 
 
 def prepared(name: str, clients: int):
-    """The model with nonzero ``B`` (so ``A`` gets gradients too), batches and AdamW per client."""
+    """The model with nonzero ``B`` (so ``A`` gets gradients too), batches and AdamW per client;
+    the same in every process (seeded)."""
+    torch.manual_seed(0)
     module, batches = SETUPS[name](clients)
     with torch.no_grad():
         for parameter_name, parameter in module.model.named_parameters():
@@ -274,7 +276,8 @@ def measure(name: str, clients: int, repeats: int) -> None:
         torch.testing.assert_close(torch.stack(PATHS[path](module, batches)), reference_losses)
         for ours, theirs in zip(gradients(), reference, strict=True):
             for g, h in zip(ours, theirs, strict=True):
-                torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+                # float32 rounding is relative to a tensor's scale, not to each entry's
+                torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4 * float(h.abs().max()))
 
     times = {path: [] for path in paths}
     for _ in range(repeats):
