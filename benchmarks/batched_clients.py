@@ -2,6 +2,7 @@
 
     python benchmarks/batched_clients.py                       # K = 16, every model
     python benchmarks/batched_clients.py --models text-copy    # one of them
+    python benchmarks/batched_clients.py --breakdown --models smollm2  # where a step goes
 
 The federation steps one client at a time: ``activate(k)``, forward, backward, clip, AdamW.
 The grouped pass (``clair_lightning.federation.grouped``) concatenates the K clients' batches,
@@ -347,6 +348,89 @@ def measure(name: str, clients: int, repeats: int) -> None:
     )
 
 
+def breakdown(name: str, clients: int, repeats: int = 3) -> None:
+    """Where one training step's CPU time goes on each path: each op's share of one profiled
+    step (ranges mark the clipping and the optimizer) times the step's unprofiled CPU seconds
+    (median of ``repeats``); "not in any op" is the profiled step's wall-clock outside every op
+    (Python, autograd's engine, the profiler)."""
+    module, batches, parameters, _ = prepared(name, clients)
+    optimizers = [torch.optim.AdamW(p, lr=1e-3) for p in parameters]
+    head = module.model.get_output_embeddings().weight.shape[0]
+    rank = module.hparams.lora_rank
+    padding = any(bool((batch["attention_mask"] == 0).any()) for batch in batches)
+    paths = list(PATHS) if padding else ["one at a time", "grouped"]
+    categories = (  # (row, test on an op's name and its first two inputs' dimensions)
+        ("LM-head products", lambda op, dims: op in MATRIX_PRODUCTS and head in dims),
+        ("LoRA products", lambda op, dims: op in MATRIX_PRODUCTS and rank in dims),
+        ("base products (q, k, v, o, MLP)", lambda op, dims: op in MATRIX_PRODUCTS),
+        ("attention (sdpa forward and backward)", lambda op, dims: "scaled_dot_product" in op),
+        (
+            "loss: log-softmax, NLL, argmax",
+            lambda op, dims: any(s in op for s in ("log_softmax", "nll_loss", "argmax")),
+        ),
+        (
+            "gathers, cat, stack (packing, LoRA stacks, RoPE)",
+            lambda op, dims: op in ("aten::index", "aten::index_copy", "aten::stack", "aten::cat"),
+        ),
+        ("elementwise, norms, activations, copies", lambda op, dims: True),
+    )
+
+    def step(path):
+        start = time.process_time()
+        with torch.profiler.record_function("range: optimizer"):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+        PATHS[path](module, batches)
+        with torch.profiler.record_function("range: clipping"):
+            for client_parameters in parameters:
+                torch.nn.utils.clip_grad_norm_(client_parameters, 1.0)
+        with torch.profiler.record_function("range: optimizer"):
+            for optimizer in optimizers:
+                optimizer.step()
+        return time.process_time() - start
+
+    seconds = {path: [] for path in paths}
+    for _ in range(repeats):
+        for path in paths:
+            seconds[path].append(step(path))
+    table: dict[str, dict[str, float]] = {}
+    for path in paths:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+        ) as profile:
+            wall = time.perf_counter()
+            step(path)
+            wall = time.perf_counter() - wall
+        microseconds: dict[str, float] = {}
+        for event in profile.events():
+            if event.name.startswith("range: "):
+                continue
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("range: "):
+                parent = parent.cpu_parent
+            if parent is not None:
+                row = "AdamW steps and zero_grad" if "optimizer" in parent.name else "clipping"
+            else:
+                dims = [d for shape in (event.input_shapes or [])[:2] for d in (shape or [])]
+                row = next(r for r, test in categories if test(event.name, dims))
+            microseconds[row] = microseconds.get(row, 0.0) + event.self_cpu_time_total
+        outside = max(wall * 1e6 - sum(microseconds.values()), 0.0)
+        microseconds["not in any op (Python, autograd, profiler)"] = outside
+        total = sum(microseconds.values())
+        step_ms = statistics.median(seconds[path]) * 1e3
+        for row, value in microseconds.items():
+            table.setdefault(row, {})[path] = value / total * step_ms
+        table.setdefault("= training step (CPU ms, unprofiled)", {})[path] = step_ms
+    print(
+        f"{name}: where a training step of K = {clients} goes, CPU ms (a profiled step's op "
+        f"shares x the median of {repeats} unprofiled steps), {torch.get_num_threads()} threads"
+    )
+    print("| where | " + " | ".join(paths) + " |\n|---|" + "---|" * len(paths))
+    rows = sorted((r for r in table if not r.startswith("=")), key=lambda r: -table[r][paths[0]])
+    for row in [*rows, "= training step (CPU ms, unprofiled)"]:
+        print(f"| {row} | " + " | ".join(f"{table[row].get(p, 0.0):.0f}" for p in paths) + " |")
+
+
 class RoundTimer(pl.Callback):
     """CPU seconds of each round's local steps (epoch start to the end of its last batch)."""
 
@@ -417,6 +501,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=choices, default=choices)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of text-copy-fit")
     parser.add_argument("--group-sizes", type=int, nargs="+", help="text-copy-fit (default K/2, K)")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="where a step's time goes, per path, instead"
+    )
     parser.add_argument("--memory-of", choices=list(PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:  # the child process of measure's memory figure
@@ -429,6 +516,9 @@ def main() -> None:
             continue
         if name.startswith("smollm2") and not (SMOLLM2 / "config.json").is_file():
             print(f"smollm2: skipped ({SMOLLM2} missing; run `clair prepare smollm2`)")
+            continue
+        if args.breakdown:
+            breakdown(name, args.clients)
             continue
         measure(name, args.clients, args.repeats or REPEATS[name])
 
