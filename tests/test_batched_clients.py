@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from clair_lightning.cli import main, run
-from clair_lightning.federation import ConfigBase, FederatedLoRAModule, adapter_name
+from clair_lightning.federation import ConfigBase, FederatedLoRAModule, adapter_name, task
 from clair_lightning.federation import data as federation_data
 from clair_lightning.federation import module as federation_module
 from clair_lightning.federation.data import RoundBatchSampler
@@ -18,7 +18,7 @@ from clair_lightning.federation.grouped import (
     grouped_completion_steps,
     grouped_lora,
 )
-from clair_lightning.federation.task import completion_step
+from clair_lightning.federation.task import completion_step, keeps_target_logits
 
 from .test_federation import TINY_LLAMA
 
@@ -191,15 +191,7 @@ def test_the_lm_head_runs_only_where_a_target_is_predicted(path):
     head = module.model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, _a, out: head_rows.append(out.shape[:-1]))
     try:
-        if path == "alone":
-            steps = []
-            for client, batch in enumerate(batches):
-                module.activate(client)
-                steps.append(completion_step(module.model, batch))
-        else:
-            with grouped_lora(module.model, [adapter_name(0), adapter_name(1)]) as packed:
-                packing = packed if path == "packed" else None
-                steps = grouped_completion_steps(module.model, batches, packing)
+        steps = _steps_on(path, module, batches)
     finally:
         handle.remove()
     targets = [8 + 4, 0 + 6]  # real tokens after the 2-token prompt, minus the first
@@ -207,6 +199,48 @@ def test_the_lm_head_runs_only_where_a_target_is_predicted(path):
     for step, (loss, correct), n in zip(steps, expected, targets, strict=True):
         assert int(step.target_tokens) == n and int(step.correct_tokens) == correct
         assert step.loss.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def _steps_on(path, module, batches):
+    if path == "alone":
+        steps = []
+        for client, batch in enumerate(batches):
+            module.activate(client)
+            steps.append(completion_step(module.model, batch))
+        return steps
+    with grouped_lora(module.model, [adapter_name(0), adapter_name(1)]) as packed:
+        return grouped_completion_steps(module.model, batches, packed if path == "packed" else None)
+
+
+@pytest.mark.parametrize("path", ["alone", "grouped", "packed"])
+def test_a_model_refusing_a_boolean_logits_to_keep_gets_the_same_statistics(path):
+    torch.manual_seed(0)
+    module = FederatedLoRAModule(ConfigBase(TINY_LLAMA), num_clients=2, lora_rank=4)
+    assert keeps_target_logits(module.model)  # probed when the module was built
+    generator = torch.Generator().manual_seed(3)
+    batches = [_batch(10, [10, 6], generator), _batch(10, [3, 8], generator)]
+    with torch.no_grad():
+        expected = _steps_on(path, module, batches)
+
+    llama = module.model.get_base_model()
+    forward = llama.forward  # as transformers before boolean masks: indexing with one fails
+
+    def without_masks(*args, logits_to_keep=0, **kwargs):
+        if isinstance(logits_to_keep, torch.Tensor):
+            raise IndexError("too many indices for tensor of dimension 3")
+        return forward(*args, **kwargs)
+
+    llama.forward = without_masks
+    module.train()
+    task._KEEPS_TARGET_LOGITS.pop(module.model)  # probe the patched model afresh
+    assert not keeps_target_logits(module.model)
+    assert all(part.training for part in module.model.modules())  # the probe restored modes
+    with torch.no_grad():
+        steps = _steps_on(path, module, batches)
+    for ours, theirs in zip(steps, expected, strict=True):
+        assert ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-6)
+        for name in ("target_tokens", "correct_tokens", "exact_sequences", "sequences"):
+            assert int(getattr(ours, name)) == int(getattr(theirs, name))
 
 
 def test_packing_refuses_a_model_that_attends_across_packed_sequences():

@@ -27,7 +27,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from .adapters import lora_layers
-from .task import StepOutput, predicts_target, step_output, token_statistics
+from .task import StepOutput, step_output, target_logits_only, token_statistics
 
 
 @dataclass
@@ -109,8 +109,8 @@ def grouped_completion_steps(
     attention_mask = torch.cat([padded(batch, "attention_mask", 0) for batch in batches])
     labels = torch.cat([padded(batch, "labels", -100) for batch in batches])
     if packed is None:
-        keep = predicts_target(labels)
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+        keep = target_logits_only(model, labels)
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, **keep)
         statistics = token_statistics(outputs.logits, labels)
     else:
         packed.counts = [0] * len(batches)
@@ -252,7 +252,7 @@ def _packed_statistics(
         input_ids=packed_ids.to(device),
         position_ids=positions.to(device),
         use_cache=False,
-        logits_to_keep=predicts_target(packed_labels),
+        **target_logits_only(model, packed_labels),
     ).logits
     source = source.to(device)
     blank = source < 0

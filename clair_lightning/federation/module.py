@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from .adapters import copy_adapter, lora_layers
 from .base import BaseModelSource
 from .grouped import check_packing, grouped_completion_steps, grouped_lora
-from .task import ClientMetrics, completion_step
+from .task import ClientMetrics, completion_step, keeps_target_logits
 
 LrSchedule = Literal["constant", "cosine"]
 ALL_LINEAR = "all-linear"
@@ -89,6 +89,7 @@ class FederatedLoRAModule(pl.LightningModule):
         for client in range(1, num_clients):
             self.model.add_adapter(adapter_name(client), config)
             copy_adapter(self.model, adapter_name(0), adapter_name(client))
+        keeps_target_logits(self.model)  # probed here, before any grouped step wraps the model
         self.num_clients = num_clients
         self.client_group_size = client_group_size
         self._packing_checked = False  # check_packing runs before the first packed step

@@ -7,6 +7,7 @@ target token are exactly what greedy decoding would produce, so exact match need
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ def completion_step(model: torch.nn.Module, batch: dict[str, Tensor]) -> StepOut
     outputs = model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
-        logits_to_keep=predicts_target(labels),
+        **target_logits_only(model, labels),
     )
     return step_output(*token_statistics(outputs.logits, labels))
 
@@ -45,17 +46,53 @@ def predicts_target(labels: Tensor) -> Tensor:
     return keep
 
 
+def target_logits_only(model: torch.nn.Module, labels: Tensor) -> dict[str, Tensor]:
+    """``logits_to_keep=predicts_target(labels)`` for a model that honours a boolean mask there
+    (transformers' causal LMs of recent 5.x releases), else no option: the model's logits at
+    every position then serve the same statistics, only slower."""
+    return {"logits_to_keep": predicts_target(labels)} if keeps_target_logits(model) else {}
+
+
+_KEEPS_TARGET_LOGITS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def keeps_target_logits(model: torch.nn.Module) -> bool:
+    """Whether the model returns logits at the True positions of a boolean ``logits_to_keep``
+    only; probed once per model on a two-token sequence in eval mode (no dropout, so no random
+    numbers are drawn). Older transformers, custom models and models without the option fail
+    the probe or ignore it."""
+    if model not in _KEEPS_TARGET_LOGITS:
+        modes = {module: module.training for module in model.modules()}
+        device = next(model.parameters()).device
+        model.eval()
+        try:
+            logits = model(
+                input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
+                logits_to_keep=torch.tensor([[True, False]], device=device),
+            ).logits
+            _KEEPS_TARGET_LOGITS[model] = tuple(logits.shape[:-1]) == (1,)
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            _KEEPS_TARGET_LOGITS[model] = False
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+    return _KEEPS_TARGET_LOGITS[model]
+
+
 def token_statistics(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each position's next-token loss, whether it is a target, and whether its argmax is right,
-    from the logits at the targets only (``logits_to_keep=predicts_target(labels)``, one row
-    per target in row-major order); rows stay apart, so several clients' rows can be split
-    after one pass over the vocabulary."""
+    from the logits at the targets only (``target_logits_only``: one row per target in
+    row-major order) or at every position; rows stay apart, so several clients' rows can be
+    split after one pass over the vocabulary."""
     mask = labels[:, 1:] != -100
     targets = labels[:, 1:][mask]
+    if logits.dim() == 3 and logits.shape[:2] == labels.shape:
+        logits = logits[:, :-1][mask]
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
-            f"expected logits at the {len(targets)} target positions only, got shape "
-            f"{tuple(logits.shape)}: the model ignores logits_to_keep as a boolean mask"
+            f"expected logits at the {len(targets)} target positions or at all "
+            f"{tuple(labels.shape)} positions, got shape {tuple(logits.shape)}"
         )
     losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     token_losses = losses.new_zeros(mask.shape).masked_scatter(mask, losses)
