@@ -605,7 +605,7 @@ def _compress_all(
             if gram is not None:
                 basis_grams[name] = row_basis_gram(validated, module, out=reusable)
             del reusable
-            scale = float(module.norms.median().clamp_min(1e-30))
+            scale = float(_median_norm(module))
             products += (
                 compressed_product_gram(validated, module, gram, basis_grams.get(name)) / scale**2
             )
@@ -772,7 +772,7 @@ def _coefficient_gram(
     gram = torch.zeros(len(clients), len(clients), dtype=torch.float64, device=validated.device)
     for module in modules:
         subspace = subspaces[module.name]
-        scale = module.norms.median().clamp_min(1e-30)
+        scale = _median_norm(module)
         coefficients = torch.stack(
             [
                 ((subspace.T @ validated.updates[k][module.name][0]) / scale)
@@ -799,10 +799,16 @@ def _coefficient_gram_from_bases(
     """
     gram = None
     for module, along in zip(modules, coefficients, strict=True):
-        scale = float(module.norms.median().clamp_min(1e-30))
+        scale = float(_median_norm(module))
         part = blockwise_product_gram(module, along.T @ along, basis_grams[module.name])
         gram = part / scale**2 if gram is None else gram.add_(part / scale**2)
     return gram
+
+
+def _median_norm(module: CompressedModule) -> Tensor:
+    """The module's median client norm: every statistic pooled over modules is scaled by it, so
+    every module weighs alike."""
+    return module.norms.median().clamp_min(1e-30)
 
 
 def _log_relative_norm(modules: list[CompressedModule]) -> Tensor:
@@ -811,8 +817,7 @@ def _log_relative_norm(modules: list[CompressedModule]) -> Tensor:
         len(modules[0].clients), dtype=torch.float64, device=modules[0].norms.device
     )
     for module in modules:
-        scale = module.norms.median().clamp_min(1e-30)
-        relative_squares += (module.norms / scale).to(torch.float64).square()
+        relative_squares += (module.norms / _median_norm(module)).to(torch.float64).square()
     return 0.5 * torch.log((relative_squares / len(modules)).clamp_min(1e-300))
 
 

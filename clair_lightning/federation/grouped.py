@@ -27,7 +27,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from .adapters import lora_layers
-from .task import StepOutput, step_output, target_logits_only, token_statistics
+from .task import StepOutput, eval_mode, step_output, target_logits_only, token_statistics
 
 
 @dataclass
@@ -157,9 +157,7 @@ def check_packing(model: PeftModel, batches: Sequence[dict[str, Tensor]]) -> boo
     if len(sequences) < 2:
         return False
     first, second = sequences[:2]
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         alone = [model(input_ids=s[None], use_cache=False).logits[0] for s in (first, second)]
         positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))])
         packed = model(
@@ -167,9 +165,6 @@ def check_packing(model: PeftModel, batches: Sequence[dict[str, Tensor]]) -> boo
             position_ids=positions[None].to(first.device),
             use_cache=False,
         ).logits[0]
-    finally:
-        for module, training in modes.items():
-            module.train(training)
     base = model.get_base_model()
     exact = base.dtype == packed.dtype == torch.float32
     tolerance = 1e-3 if exact and not torch.is_autocast_enabled(first.device.type) else 5e-2

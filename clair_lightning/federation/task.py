@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,21 +65,29 @@ def keeps_target_logits(model: torch.nn.Module) -> bool:
     numbers are drawn). Older transformers, custom models and models without the option fail
     the probe or ignore it."""
     if model not in _KEEPS_TARGET_LOGITS:
-        modes = {module: module.training for module in model.modules()}
         device = next(model.parameters()).device
-        model.eval()
         try:
-            logits = model(
-                input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
-                logits_to_keep=torch.tensor([[True, False]], device=device),
-            ).logits
+            with eval_mode(model):
+                logits = model(
+                    input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
+                    logits_to_keep=torch.tensor([[True, False]], device=device),
+                ).logits
             _KEEPS_TARGET_LOGITS[model] = tuple(logits.shape[:-1]) == (1,)
         except (TypeError, ValueError, IndexError, RuntimeError):
             _KEEPS_TARGET_LOGITS[model] = False
-        finally:
-            for module, training in modes.items():
-                module.train(training)
     return _KEEPS_TARGET_LOGITS[model]
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for a probe, every submodule's mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
 
 
 def token_statistics(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
