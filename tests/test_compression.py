@@ -1,5 +1,7 @@
 """The compressed stacking is an exact stand-in for the dense one (CLAIR step 1)."""
 
+import dataclasses
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -170,6 +172,35 @@ def test_stacking_is_applied_from_the_factors():
     module = compress_module(validated, "m", validated.included)
     vectors = torch.randn(module.block_owner.numel(), 4, generator=generator)
     torch.testing.assert_close(module.stacked_times(vectors), module.stacked @ vectors)
+
+
+def test_compression_reuses_the_validations_row_grams_bit_for_bit():
+    """The ``A Aᵀ`` the validation's norms took is the compression's Cholesky input: same
+    factors and stacking as without it; kept only where the norm took it of the very tensor
+    the compression uses (not for half-precision inputs cast afterwards, nor float64)."""
+    generator = torch.Generator().manual_seed(2)
+    updates = [
+        {
+            name: (torch.randn(40, r, generator=generator), torch.randn(r, 30, generator=generator))
+            for name in ("m1", "m2")
+        }
+        for r in (2, 5, 3, 4)
+    ]
+    updates[1]["m2"] = (torch.zeros(40, 5), updates[1]["m2"][1])  # B = 0: no norm, no Gram
+    validated = validate_updates(updates)
+    assert set(validated.row_grams) == {(k, n) for k in range(4) for n in ("m1", "m2")} - {
+        (1, "m2")
+    }
+    without = dataclasses.replace(validated, row_grams={})
+    for name in ("m1", "m2"):
+        reused, _, stacked = compress_with_gram(validated, name, validated.included)
+        computed, _, stacked_here = compress_with_gram(without, name, validated.included)
+        assert torch.equal(stacked, stacked_here) and torch.equal(reused.norms, computed.norms)
+        for got, expected in zip(reused.row_factors, computed.row_factors, strict=True):
+            assert torch.equal(got, expected)
+    for dtype in (torch.float16, torch.float64):
+        cast = [{n: (b.to(dtype), a.to(dtype)) for n, (b, a) in u.items()} for u in updates]
+        assert validate_updates(cast).row_grams == {}
 
 
 def _textbook_inexact_alm(cores, owners, num_clients, lam, spectral, iterations):

@@ -81,7 +81,10 @@ def _compress(
 ) -> tuple[CompressedModule, Tensor]:
     """The compressed module and the transposed stacking its norms were measured on."""
     factors = [validated.updates[k][name] for k in clients]
-    row_factors = [_row_space_factor(a) for _, a in factors]
+    row_factors = [
+        _row_space_factor(a, validated.row_grams.get((k, name)))
+        for k, (_, a) in zip(clients, factors, strict=True)
+    ]
     # A client's block is min(rank, d_in) wide: R has that many rows.
     widths = [r.shape[0] for r in row_factors]
     offsets = [0]
@@ -231,11 +234,12 @@ def _well_conditioned_inverses(factors: list[Tensor]) -> list[Tensor | None]:
     return inverses
 
 
-def _row_space_factor(a: Tensor) -> Tensor:
-    """``R`` with ``RᵀR = A Aᵀ`` from a thin QR ``Aᵀ = Q R`` (``min(r, d_in) x r``)."""
+def _row_space_factor(a: Tensor, gram: Tensor | None = None) -> Tensor:
+    """``R`` with ``RᵀR = A Aᵀ`` from a thin QR ``Aᵀ = Q R`` (``min(r, d_in) x r``); ``gram`` is
+    ``A Aᵀ`` where the validation already took it."""
     if a.shape[0] > a.shape[1]:
         return torch.linalg.qr(a.T, mode="r")[1]
-    factor, info = torch.linalg.cholesky_ex(a @ a.T, upper=True)
+    factor, info = torch.linalg.cholesky_ex(a @ a.T if gram is None else gram, upper=True)
     if int(info) == 0:
         diagonal = factor.diagonal().abs()
         if diagonal.min() > diagonal.max() * numerical_floor(a.dtype):

@@ -44,6 +44,8 @@ class ValidatedUpdates:
     client to the reason it was left out. ``weights`` sums to one over ``included`` and is zero
     elsewhere. Factors of included clients are cast to ``dtype`` on ``device``. ``norms`` holds
     every client's ``‖ΔW‖_F`` over all modules (float64; ``nan`` for non-finite updates).
+    ``row_grams[(k, name)]`` is ``A Aᵀ`` of an included client's cast ``A`` where its norm took
+    exactly that product (float32 factors in range): the compression's Cholesky-QR reuses it.
     """
 
     updates: list[ClientUpdate]
@@ -55,6 +57,7 @@ class ValidatedUpdates:
     dtype: torch.dtype
     device: torch.device
     norms: Tensor
+    row_grams: dict[tuple[int, str], Tensor]
 
     @property
     def num_clients(self) -> int:
@@ -118,8 +121,12 @@ def validate_updates(
             raise UpdateValidationError(f"client {client}: {problem}")
         excluded[client] = problem
 
+    measured_grams: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in checked]
     norms = torch.tensor(
-        [math.nan if k in excluded else update_norm(u) for k, u in enumerate(checked)],
+        [
+            math.nan if k in excluded else update_norm(u, measured_grams[k])
+            for k, u in enumerate(checked)
+        ],
         dtype=torch.float64,
     )
     excluded.update(_absurd_norms(norms, excluded))
@@ -136,6 +143,7 @@ def validate_updates(
     dtype = compute_dtype(first_b.dtype)
     device = first_b.device
     cast: list[ClientUpdate] = []
+    row_grams: dict[tuple[int, str], Tensor] = {}
     for client, update in enumerate(checked):
         if client in excluded:
             cast.append(update)
@@ -143,6 +151,9 @@ def validate_updates(
         cast.append(
             {name: (b.to(device, dtype), a.to(device, dtype)) for name, (b, a) in update.items()}
         )
+        for name, (factor, gram) in measured_grams[client].items():
+            if _same_tensor(cast[client][name][1], factor):  # what the compression will use
+                row_grams[(client, name)] = gram
 
     weight_vector = client_weights.clone()
     for client in excluded:
@@ -158,10 +169,14 @@ def validate_updates(
         dtype=dtype,
         device=device,
         norms=norms,
+        row_grams=row_grams,
     )
 
 
-def update_norm(update: Mapping[str, Sequence[Tensor]]) -> float:
+def update_norm(
+    update: Mapping[str, Sequence[Tensor]],
+    row_grams: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> float:
     """``‖ΔW‖_F`` over all modules without forming ``B A`` and without overflow.
 
     From the ``r x r`` Grams: ``‖B A‖² = tr(BᵀB · AAᵀ)``, summed in float64. Factors of at most
@@ -169,10 +184,11 @@ def update_norm(update: Mapping[str, Sequence[Tensor]]) -> float:
     cannot overflow or underflow there; accurate to float32's rounding, which is enough: the
     norms are compared only with zero and with ``ABSURD_NORM_RATIO`` times the median, and the
     float64 copies of every factor cost most of the validation); all others are divided by
-    their largest entry first and take float64 Grams.
+    their largest entry first and take float64 Grams. ``row_grams``, when given, receives
+    ``(A, A Aᵀ)`` per module where the float32 ``A Aᵀ`` of ``A`` itself was taken.
     """
     log_squares = []
-    for b, a in update.values():
+    for name, (b, a) in update.items():
         b, a = b.detach(), a.detach()
         b_scale, a_scale = _largest_magnitude(b), _largest_magnitude(a)
         if b_scale == 0 or a_scale == 0:
@@ -184,7 +200,10 @@ def update_norm(update: Mapping[str, Sequence[Tensor]]) -> float:
             and low < min(b_scale, a_scale) <= max(b_scale, a_scale) < high
         ):
             b_narrow, a_narrow = b.float(), a.float()
-            products = (b_narrow.T @ b_narrow).double() * (a_narrow @ a_narrow.T).double()
+            a_gram = a_narrow @ a_narrow.T
+            if row_grams is not None and a_narrow is a:
+                row_grams[name] = (a, a_gram)
+            products = (b_narrow.T @ b_narrow).double() * a_gram.double()
             trace = float(products.sum())
             if trace > 0:
                 log_squares.append(math.log(trace))
@@ -198,6 +217,16 @@ def update_norm(update: Mapping[str, Sequence[Tensor]]) -> float:
         return 0.0
     largest = max(log_squares)
     return math.exp(0.5 * (largest + math.log(sum(math.exp(x - largest) for x in log_squares))))
+
+
+def _same_tensor(first: Tensor, second: Tensor) -> bool:
+    """Whether two tensors are views of the same memory with the same layout and dtype."""
+    return (
+        first.data_ptr() == second.data_ptr()
+        and first.shape == second.shape
+        and first.stride() == second.stride()
+        and (first.dtype, first.device) == (second.dtype, second.device)
+    )
 
 
 def _largest_magnitude(factor: Tensor) -> float:
