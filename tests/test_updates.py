@@ -46,6 +46,10 @@ def _federation(n=4):
             r"client 1, module 'q_proj': factors must be floating point",
         ),
         (
+            lambda u: [v.update(q_proj=(torch.randn(0, 2), torch.randn(2, 5))) for v in u],
+            r"client 0, module 'q_proj': update is 0x5 \(d_out x d_in\); both must be at least 1",
+        ),
+        (
             lambda u: u[0].update(q_proj=(torch.randn(6, 2),)),
             r"client 0, module 'q_proj': expected a pair \(B, A\)",
         ),

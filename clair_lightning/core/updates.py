@@ -110,11 +110,12 @@ def validate_updates(
 
     client_weights = _normalised_weights(weights, len(updates))
     excluded: dict[int, str] = {}
+    magnitudes: list[dict[str, tuple[float, float]]] = [{} for _ in checked]
     for client, update in enumerate(checked):
         if client_weights[client] == 0:
             excluded[client] = "weight is zero"
             continue
-        problem = _nonfinite_problem(update)
+        problem, magnitudes[client] = _nonfinite_problem_and_magnitudes(update)
         if problem is None:
             continue
         if nonfinite == "raise":
@@ -124,7 +125,7 @@ def validate_updates(
     measured_grams: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in checked]
     norms = torch.tensor(
         [
-            math.nan if k in excluded else update_norm(u, measured_grams[k])
+            math.nan if k in excluded else update_norm(u, measured_grams[k], magnitudes[k])
             for k, u in enumerate(checked)
         ],
         dtype=torch.float64,
@@ -176,6 +177,7 @@ def validate_updates(
 def update_norm(
     update: Mapping[str, Sequence[Tensor]],
     row_grams: dict[str, tuple[Tensor, Tensor]] | None = None,
+    magnitudes: Mapping[str, tuple[float, float]] | None = None,
 ) -> float:
     """``‖ΔW‖_F`` over all modules without forming ``B A`` and without overflow.
 
@@ -185,12 +187,16 @@ def update_norm(
     norms are compared only with zero and with ``ABSURD_NORM_RATIO`` times the median, and the
     float64 copies of every factor cost most of the validation); all others are divided by
     their largest entry first and take float64 Grams. ``row_grams``, when given, receives
-    ``(A, A Aᵀ)`` per module where the float32 ``A Aᵀ`` of ``A`` itself was taken.
+    ``(A, A Aᵀ)`` per module where the float32 ``A Aᵀ`` of ``A`` itself was taken;
+    ``magnitudes`` holds each module's largest ``|B|`` and ``|A|`` where the caller has them.
     """
     log_squares = []
     for name, (b, a) in update.items():
         b, a = b.detach(), a.detach()
-        b_scale, a_scale = _largest_magnitude(b), _largest_magnitude(a)
+        if magnitudes is None:
+            b_scale, a_scale = _largest_magnitude(b), _largest_magnitude(a)
+        else:
+            b_scale, a_scale = magnitudes[name]
         if b_scale == 0 or a_scale == 0:
             continue
         low, high = _DIRECT_RANGE
@@ -310,6 +316,10 @@ def _check_client(
                 "B's columns must equal A's rows (the LoRA rank, at least 1)"
             )
         shape = (b.shape[0], a.shape[1])
+        if 0 in shape:
+            raise UpdateValidationError(
+                f"{where}: update is {shape[0]}x{shape[1]} (d_out x d_in); both must be at least 1"
+            )
         expected = shapes.setdefault(name, shape)
         if shape != expected:
             raise UpdateValidationError(
@@ -337,13 +347,20 @@ def _normalised_weights(weights: Sequence[float] | Tensor | None, num_clients: i
     return vector / vector.sum()
 
 
-def _nonfinite_problem(update: ClientUpdate) -> str | None:
+def _nonfinite_problem_and_magnitudes(
+    update: ClientUpdate,
+) -> tuple[str | None, dict[str, tuple[float, float]]]:
+    """The update's first non-finite factor (or ``None``), and each module's largest ``|B|`` and
+    ``|A|``: one ``aminmax`` pass per factor gives both, as its minimum or maximum is
+    non-finite exactly when an entry is (the norm needs the magnitudes anyway)."""
+    magnitudes = {}
     for name, (b, a) in update.items():
+        scales = []
         for label, factor in (("B", b), ("A", a)):
-            # A sum is non-finite whenever an entry is (or the sum overflows): cheap first pass.
-            if bool(torch.isfinite(factor.sum())):
-                continue
-            bad = int((~torch.isfinite(factor)).sum())
-            if bad:
-                return f"module {name!r}: {label} has {bad} non-finite value(s)"
-    return None
+            smallest, largest = (float(x) for x in torch.aminmax(factor.detach()))
+            if not (math.isfinite(smallest) and math.isfinite(largest)):
+                bad = int((~torch.isfinite(factor)).sum())
+                return f"module {name!r}: {label} has {bad} non-finite value(s)", {}
+            scales.append(max(-smallest, largest))
+        magnitudes[name] = (scales[0], scales[1])
+    return None, magnitudes
