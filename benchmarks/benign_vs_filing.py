@@ -26,7 +26,8 @@ and the old code trains the same benign updates):
                 --seeds 0,1,2 --no-wandb --output results/benign_vs_filing/$version/$stem
         done
     done
-    python benchmarks/benign_vs_filing.py results/benign_vs_filing/{filing,now}
+    python benchmarks/benign_vs_filing.py results/benign_vs_filing/{filing,now} \\
+        --update-readme README.md
 
 (the attack list is the README's per-attack one). Every subfolder present in both roots with a
 ``results.json`` gives a table. A difference is called worse (or better) when the mean of the
@@ -42,6 +43,8 @@ import math
 import statistics
 import sys
 from pathlib import Path
+
+from clair_lightning.compare.report import update_readme
 
 AGGREGATOR = "clair"
 # Differences this small are float rounding of the two code paths (exact match moves in steps of
@@ -130,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("filing", type=Path, help="root of the compare folders run at b590dfb")
     parser.add_argument("now", type=Path, help="root of the same compare folders run now")
+    parser.add_argument(
+        "--update-readme",
+        type=Path,
+        default=None,
+        metavar="README",
+        help="also write each table into this README's block benign_vs_filing:<folder>",
+    )
     args = parser.parse_args(argv)
     names = sorted(
         p.parent.name
@@ -137,13 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         if (args.now / p.parent.name / "results.json").is_file()
     )
     if not names:
-        print(f"no compare folder with results.json in both {args.filing} and {args.now}")
+        print(
+            f"benign_vs_filing: no compare folder with results.json in both {args.filing} and "
+            f"{args.now}",
+            file=sys.stderr,
+        )
         return 2
     try:
-        print("\n".join(table(n, args.filing / n, args.now / n) for n in names), end="")
+        tables = {name: table(name, args.filing / name, args.now / name) for name in names}
     except (ValueError, KeyError, json.JSONDecodeError) as error:
         print(f"benign_vs_filing: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
+    print("\n".join(tables.values()), end="")
+    if args.update_readme:
+        for name, text in tables.items():
+            update_readme(args.update_readme, f"benign_vs_filing:{name}", text)
     return 0
 
 

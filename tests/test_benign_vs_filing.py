@@ -41,8 +41,13 @@ def test_tables_pair_cells_by_scenario_and_seed(tmp_path, capsys):
     _folder(tmp_path / "filing", "recipe_20pct", False, filing)
     _folder(tmp_path / "now", "recipe_20pct", False, now)
     _folder(tmp_path / "filing", "only_filing", False, filing)
-    assert benign_vs_filing.main([str(tmp_path / "filing"), str(tmp_path / "now")]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n")
+    roots = [str(tmp_path / "filing"), str(tmp_path / "now")]
+    assert benign_vs_filing.main([*roots, "--update-readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert f"<!-- benign_vs_filing:recipe_20pct:start -->\n{printed}" in readme.read_text()
+    lines = printed.splitlines()
     assert lines[0].startswith("**recipe_20pct**") and not any("only_filing" in x for x in lines)
     none, gaussian = lines[4], lines[5]
     assert none.startswith("| none |") and "| same |" in none
