@@ -18,6 +18,19 @@ _SMALLEST_GROUP = 2
 _MAX_TRIMMING_ROUNDS = 5
 
 
+def median(values: Tensor) -> Tensor:
+    """The median, in float64: the mean of the two middle values at an even count.
+
+    ``Tensor.median`` returns the lower of the two. At an even number of clients that biases
+    the centre low and the MAD low too (one deviation from the lower median is zero, and the
+    lower median of the deviations counts it), so benign z-scores came out inflated. NaN when a
+    value is NaN or there are none, as ``Tensor.median``.
+    """
+    if values.numel() == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64, device=values.device)
+    return values.to(torch.float64).quantile(0.5)
+
+
 def robust_z(values: Tensor, reference: Tensor, floor: float) -> Tensor:
     """Robust z-scores of ``values`` against the median and MAD of ``values[reference]``."""
     centre, scale = _centre_and_scale(values[reference], floor)
@@ -25,8 +38,8 @@ def robust_z(values: Tensor, reference: Tensor, floor: float) -> Tensor:
 
 
 def _centre_and_scale(population: Tensor, floor: float) -> tuple[float, float]:
-    centre = population.median()
-    spread = MAD_TO_STD * (population - centre).abs().median()
+    centre = median(population)
+    spread = MAD_TO_STD * median((population - centre).abs())
     return float(centre), max(float(spread), floor)
 
 
