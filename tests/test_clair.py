@@ -404,6 +404,94 @@ def test_randomized_leading_singular_vectors_match_the_full_svd():
         torch.testing.assert_close(alignment, torch.ones_like(alignment))
 
 
+def test_leading_singular_vectors_from_the_gram_match_the_svd():
+    """The small cores' subspace estimate from their Gram's weighted block: the SVD's values and
+    leading subspace, in float64 and in float32 with column scales near 1e19 (their squares
+    would overflow a Gram scaled directly); the noise directions' values as accurate as a
+    Gram allows."""
+    from clair_lightning.core.subspace import leading_left_singular_from_gram
+
+    generator = torch.Generator().manual_seed(1)
+    for dtype, magnitude, tolerance in ((torch.float64, 1.0, 1e-10), (torch.float32, 1e19, 1e-5)):
+        left = torch.linalg.qr(torch.randn(40, 6, generator=generator, dtype=torch.float64))[0]
+        values = torch.linspace(9.0, 3.0, 6, dtype=torch.float64)
+        signal = (left * values) @ torch.randn(6, 30, generator=generator, dtype=torch.float64)
+        core = signal + 0.01 * torch.randn(40, 30, generator=generator, dtype=torch.float64)
+        scales = magnitude * (0.5 + torch.rand(30, generator=generator, dtype=torch.float64))
+        core, scales = core.to(dtype), scales.to(dtype)
+        stacked = core * scales
+        basis, singular = leading_left_singular_from_gram(stacked, core.T @ core, scales, 8)
+        u, s, _ = torch.linalg.svd(stacked.double(), full_matrices=False)
+        assert basis.shape == (40, 8) and torch.isfinite(basis).all()
+        torch.testing.assert_close(
+            basis.T.double() @ basis.double(),
+            torch.eye(8, dtype=torch.float64),
+            atol=tolerance,
+            rtol=0,
+        )
+        # A Gram's eigenvalues are accurate to about n ε σ₁², so σ_i to n ε σ₁² / σ_i.
+        bound = 30 * torch.finfo(dtype).eps * s[0] ** 2 / s[:8]
+        assert ((singular.double() - s[:8]).abs() <= bound).all(), (singular, s[:8])
+        torch.testing.assert_close(singular[:6].double(), s[:6], rtol=tolerance, atol=0)
+        leading = basis.double()[:, :6]
+        torch.testing.assert_close(
+            leading @ leading.T, u[:, :6] @ u[:, :6].T, atol=tolerance, rtol=0
+        )
+
+
+def _svd_subspaces(stacked, gram, scales, count):
+    """The SVD path's estimate, in place of the one from the Gram."""
+    from clair_lightning.core.subspace import leading_left_singular
+
+    return leading_left_singular(stacked, count)
+
+
+def test_small_cores_subspaces_from_the_gram_give_the_svds_flags_and_refined_updates(monkeypatch):
+    """Cores up to 256 columns keep their Gram and the subspace step takes its weighted block
+    instead of an SVD of the weighted core: same flags and ranks, scores and refined updates
+    within float tolerance of the SVD path (float32 and float64 federations with attackers)."""
+    from clair_lightning.core import clair as clair_module
+
+    for dtype in (torch.float32, torch.float64):
+        generator = torch.Generator().manual_seed(7)
+        federation = synthetic_federation(
+            12,
+            d_out=80,
+            d_in=40,
+            rank=4,
+            subspace_rank=3,
+            noise=0.05,
+            num_modules=2,
+            generator=generator,
+            dtype=dtype,
+        )
+        updates = _off_subspace_attack(federation, [0, 4, 9], generator)
+        fast = clair_aggregate(updates)
+        assert all(core.gram is not None for core in _cores(updates))
+        with monkeypatch.context() as patch:
+            patch.setattr(clair_module, "leading_left_singular_from_gram", _svd_subspaces)
+            reference = clair_aggregate(updates)
+        assert fast.contaminated == reference.contaminated and fast.contaminated[0]
+        assert fast.diagnostics["subspace_ranks"] == reference.diagnostics["subspace_ranks"]
+        torch.testing.assert_close(
+            torch.tensor(fast.scores), torch.tensor(reference.scores), rtol=1e-4, atol=1e-4
+        )
+        for name, basis in fast.subspaces.items():
+            expected = reference.subspaces[name]
+            torch.testing.assert_close(basis @ basis.T, expected @ expected.T)
+        _assert_same_refined_updates(fast, reference)
+
+
+def _cores(updates):
+    from clair_lightning.core.compression import compress_with_gram, stacking_core
+    from clair_lightning.core.updates import validate_updates
+
+    validated = validate_updates(updates)
+    for name in validated.module_names:
+        module, gram, _ = compress_with_gram(validated, name, validated.included)
+        yield stacking_core(module, gram)
+
+
 def test_support_projectors_match_the_blocks_svd():
     """The support check's per-client projectors from the eigendecomposition of each block's
     small Gram equal the ones from the blocks' left singular vectors, for float32 blocks with

@@ -35,7 +35,12 @@ from .factors import Split
 from .gram import blockwise_product_gram, compressed_product_gram
 from .refinement import ModuleRefinement, consensus, module_refinement, refine, refined_at_rank
 from .result import AggregationResult, AtRank, RefinedUpdates, at_rank
-from .subspace import RankRule, choose_rank, leading_left_singular
+from .subspace import (
+    RankRule,
+    choose_rank,
+    leading_left_singular,
+    leading_left_singular_from_gram,
+)
 from .updates import ClientUpdate, NonFinitePolicy, ValidatedUpdates, validate_updates
 
 FlaggedPolicy = Literal["own", "consensus"]
@@ -418,8 +423,14 @@ class _SubspaceEstimator:
                 if self._rule in ("gap", "energy")
                 else min(cap, self._rule if isinstance(self._rule, int) else low_rank_rank) + 1
             )
-            start = None if starts is None else starts[position]
-            basis, singular = leading_left_singular(weighted, wanted, self._generator, start)
+            if core.gram is not None:  # the members' block of the core's Gram
+                block = core.gram[columns[:, None], columns[None, :]]
+                basis, singular = leading_left_singular_from_gram(
+                    weighted, block, scale[columns], wanted
+                )
+            else:
+                start = None if starts is None else starts[position]
+                basis, singular = leading_left_singular(weighted, wanted, self._generator, start)
             rank = choose_rank(
                 singular, self._rule, cap, low_rank_rank, numerical_floor(weighted.dtype)
             )

@@ -257,7 +257,8 @@ class StackingCore:
     vectors of the core's row space back to ``d_out``. ``right_singular``, for Cholesky cores
     up to ``_START_BASIS_MAX_SIZE`` columns, holds ``R``'s right singular vectors (columns)
     and values, largest first, from the Gram's eigendecomposition: the decomposition's first
-    thresholding starts from them.
+    thresholding starts from them; ``gram`` is that Gram ``M̂ᵀM̂`` (``RᵀR`` up to the Cholesky
+    factorisation's rounding), whose blocks give the subspace step's spectra.
     """
 
     matrix: Tensor
@@ -268,6 +269,7 @@ class StackingCore:
     _eigenvectors: Tensor | None = None
     _roots: Tensor | None = None
     right_singular: tuple[Tensor, Tensor] | None = None
+    gram: Tensor | None = None
 
     @classmethod
     def from_matrix(cls, matrix: Tensor) -> StackingCore:
@@ -330,8 +332,9 @@ def stacking_core(module: CompressedModule, gram: Tensor | None = None) -> Stack
         if int(info) == 0:
             diagonal = factor.diagonal().abs()
             if diagonal.min() > diagonal.max() * floor:
-                right_singular = None
+                right_singular, kept_gram = None, None
                 if gram.shape[0] <= _START_BASIS_MAX_SIZE:
+                    kept_gram = gram
                     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
                     roots = eigenvalues.clamp_min(0).sqrt()
                     right_singular = (eigenvectors.flip(1), roots.flip(0))
@@ -344,6 +347,7 @@ def stacking_core(module: CompressedModule, gram: Tensor | None = None) -> Stack
                     normalised,
                     _cholesky=True,
                     right_singular=right_singular,
+                    gram=kept_gram,
                 )
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     keep = eigenvalues > eigenvalues.max().clamp_min(0) * floor**2
