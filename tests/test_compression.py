@@ -256,9 +256,16 @@ def test_inexact_alm_equals_the_textbook_iteration():
 
 
 def _count_certified(monkeypatch):
-    """Count the thresholdings the certified subspace iteration answers (not the full SVD)."""
-    counts = {"certified": 0, "tried": 0, "first": []}
+    """Count the thresholdings the certified subspace iteration answers (not the full SVD),
+    and those of a multiple of the core answered from its own SVD."""
+    counts = {"certified": 0, "tried": 0, "first": [], "multiples": 0}
     certified_svd = decomposition._SvtState._certified_svd
+    threshold_multiple = decomposition._SvtState.threshold_multiple
+
+    def counting_multiples(self, *args, **kwargs):
+        result = threshold_multiple(self, *args, **kwargs)
+        counts["multiples"] += result is not None
+        return result
 
     def counting(self, module, matrix, tau):
         first = self._bases[module] is None
@@ -270,6 +277,7 @@ def _count_certified(monkeypatch):
         return result
 
     monkeypatch.setattr(decomposition._SvtState, "_certified_svd", counting)
+    monkeypatch.setattr(decomposition._SvtState, "threshold_multiple", counting_multiples)
     return counts
 
 
@@ -301,7 +309,12 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     first = ((left * values) @ right.T).float()  # float64 cores keep the full SVD
     solver.threshold(0, first, tau)  # full SVD, stores the warm basis
     solver.threshold(0, first, tau)
-    assert counts == {"certified": 1, "tried": 2, "first": [False]} and solver.ranks == [6]
+    assert counts == {
+        "certified": 1,
+        "tried": 2,
+        "first": [False],
+        "multiples": 0,
+    } and solver.ranks == [6]
     # The warm basis holds the top 6 + 9 right vectors; give a direction outside it 1.5 τ.
     values[-1] = 1.5
     second = ((left * values) @ right.T).float()
@@ -311,13 +324,53 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     # fails in four blocks and whole (float32 rounding is far below τ: float64 is not asked).
     f32 = torch.float32
     assert verdicts == [(f32, 4, True), (f32, 4, False), (f32, 1, False)], verdicts
-    assert counts == {"certified": 1, "tried": 3, "first": [False]} and solver.ranks == [7]
+    assert counts == {
+        "certified": 1,
+        "tried": 3,
+        "first": [False],
+        "multiples": 0,
+    } and solver.ranks == [7]
     u, s, vh = torch.linalg.svd(second)
     torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh, atol=1e-5, rtol=0)
     double = decomposition._SvtState(1, None)
     for _ in range(2):
         double.threshold(0, second.double(), tau)
     assert counts["tried"] == 5 and counts["certified"] == 1  # float64: always the full SVD
+
+
+def test_first_thresholding_of_a_multiple_of_the_core_is_its_own_svd_scaled():
+    """The ALM's first target is ``factor · M``: its ``D_τ`` from the core's right singular
+    vectors and values (the Gram's eigendecomposition) equals the full SVD's, keeps the same
+    rank and leaves the next thresholding its warm basis; float64 cores, the textbook solver
+    and cores below the certified size keep their own path."""
+    generator = torch.Generator().manual_seed(1)
+    updates = [
+        {"m": (torch.randn(200, 8, generator=generator), torch.randn(8, 150, generator=generator))}
+        for _ in range(12)
+    ]
+    validated = validate_updates(updates)
+    core = stacking_core(compress_module(validated, "m", validated.included))
+    matrix, factor = core.matrix, 1.3
+    values = core.right_singular[1]
+    tau = factor * float(values[4] + values[5]) / 2  # five values above
+    solver = decomposition._SvtState(1, None)
+    solver.start_from(0, core.right_singular)
+    result = solver.threshold_multiple(0, matrix, factor, tau, out=torch.empty_like(matrix))
+    u, s, vh = torch.linalg.svd((factor * matrix).double())
+    expected = (u * (s - tau).clamp_min(0)) @ vh
+    assert solver.ranks == [int((s > tau).sum())] == [5]
+    torch.testing.assert_close(result.double(), expected, atol=1e-5 * float(s[0]), rtol=0)
+    assert solver._bases[0].shape == (96, solver.ranks[0] + decomposition._CERTIFIED_EXTRA + 1)
+    assert solver._starts[0] is None  # consumed
+    for dtype, full in ((torch.float64, False), (torch.float32, True)):
+        other = decomposition._SvtState(1, None, full=full)
+        other.start_from(0, core.right_singular)
+        out = torch.empty_like(matrix, dtype=dtype)
+        assert other.threshold_multiple(0, matrix.to(dtype), factor, tau, out=out) is None
+    small = decomposition._SvtState(1, None)
+    small.start_from(0, core.right_singular)
+    corner = matrix[:32, :32].contiguous()
+    assert small.threshold_multiple(0, corner, factor, tau, out=corner.clone()) is None
 
 
 def test_tail_certificate_never_passes_a_singular_value_at_or_above_tau(monkeypatch):
@@ -384,9 +437,10 @@ def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     }
     full, certified = results["full"], results["auto"]
     assert counts["certified"] >= counts["tried"] // 2 > 0, counts
-    # The first thresholding of each module starts from the core's right singular vectors.
+    # The first thresholding of each module is the core's own SVD, scaled (from its right
+    # singular vectors and values), so every certified one starts from a previous basis.
     assert all(core.right_singular is not None for core in cores)
-    assert counts["first"] == [True, True], counts
+    assert counts["first"] == [] and counts["multiples"] == 2, counts
     # Certified in float32, by the whole deflated core where σ_{k+1} is near τ (early
     # thresholds), by its four row blocks where it is well below (later ones).
     f32 = torch.float32

@@ -151,7 +151,14 @@ def _inexact_alm(
             shifted, low_rank_target = work[core.shape]
             torch.add(core, y, alpha=1.0 / penalty, out=shifted)
             torch.sub(shifted, sparse[m], out=low_rank_target)
-            low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty, out=low_rank_target)
+            low_rank = None
+            if iteration == 1:  # the target is (1 + 1/(μJ)) M, whose SVD is the core's own
+                factor = 1.0 + 1.0 / (penalty * dual_scale)
+                low_rank = solver.threshold_multiple(
+                    m, core, factor, 1.0 / penalty, out=low_rank_target
+                )
+            if low_rank is None:
+                low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty, out=low_rank_target)
             torch.sub(shifted, low_rank, out=sparse[m])
         factors = _shrink_factors(sparse, owners, num_clients, lam / penalty, work)
         # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ; (1 − s) per
@@ -249,6 +256,39 @@ class _SvtState:
         """Right singular vectors and values of the core, for the first thresholding: both
         solvers' first target is a multiple of the core, so they span its leading subspace."""
         self._starts[module] = right_singular
+
+    def threshold_multiple(
+        self, module: int, core: Tensor, factor: float, tau: float, out: Tensor
+    ) -> Tensor | None:
+        """``D_τ(factor · core)``, written into ``out``, from the core's right singular vectors
+        and values (``start_from``) for float32 cores the certified iteration serves; else
+        ``None``.
+
+        The ALM's first target is such a multiple and its SVD is the core's own, so ``D_τ`` is
+        ``M V_k diag((factor s_k − τ)/s_k) V_kᵀ`` over the ``k`` values with ``factor s_k > τ``,
+        without a subspace iteration or certificate (1.9 CPU ms at d = 4096, K = 16). It is as
+        accurate as the Gram the vectors and values came from, which the core was formed from.
+        """
+        start = self._starts[module]
+        rows, cols = core.shape
+        if (
+            start is None
+            or self._full
+            or core.dtype != torch.float32
+            or rows != cols
+            or cols < _CERTIFIED_MIN_SIZE
+        ):
+            return None
+        self._starts[module] = None
+        vectors, singular = start
+        scaled = singular * factor
+        kept = self.ranks[module] = int((scaled > tau).sum())
+        self._bases[module] = vectors[:, : kept + _CERTIFIED_EXTRA + 1]  # the next one's start
+        if kept == 0:
+            return out.zero_()
+        right = vectors[:, :kept]
+        shrink = (scaled[:kept] - tau) / singular[:kept]
+        return torch.matmul((core @ right) * shrink, right.T, out=out)
 
     def threshold(
         self, module: int, matrix: Tensor, tau: float, out: Tensor | None = None
