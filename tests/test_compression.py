@@ -257,15 +257,14 @@ def test_inexact_alm_equals_the_textbook_iteration():
 
 def _count_certified(monkeypatch):
     """Count the thresholdings the certified subspace iteration answers (not the full SVD),
-    and those of a multiple of the core answered from its own SVD."""
-    counts = {"certified": 0, "tried": 0, "first": [], "multiples": 0}
+    and those of a spectral function of the core answered from its own SVD."""
+    counts = {"certified": 0, "tried": 0, "first": [], "spectral": 0}
     certified_svd = decomposition._SvtState._certified_svd
-    threshold_multiple = decomposition._SvtState.threshold_multiple
+    threshold_spectral = decomposition._SvtState.threshold_spectral
 
-    def counting_multiples(self, *args, **kwargs):
-        result = threshold_multiple(self, *args, **kwargs)
-        counts["multiples"] += result is not None
-        return result
+    def counting_spectral(self, *args, **kwargs):
+        counts["spectral"] += 1
+        return threshold_spectral(self, *args, **kwargs)
 
     def counting(self, module, matrix, tau):
         first = self._bases[module] is None
@@ -277,7 +276,7 @@ def _count_certified(monkeypatch):
         return result
 
     monkeypatch.setattr(decomposition._SvtState, "_certified_svd", counting)
-    monkeypatch.setattr(decomposition._SvtState, "threshold_multiple", counting_multiples)
+    monkeypatch.setattr(decomposition._SvtState, "threshold_spectral", counting_spectral)
     return counts
 
 
@@ -313,7 +312,7 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
         "certified": 1,
         "tried": 2,
         "first": [False],
-        "multiples": 0,
+        "spectral": 0,
     } and solver.ranks == [6]
     # The warm basis holds the top 6 + 9 right vectors; give a direction outside it 1.5 τ.
     values[-1] = 1.5
@@ -328,7 +327,7 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
         "certified": 1,
         "tried": 3,
         "first": [False],
-        "multiples": 0,
+        "spectral": 0,
     } and solver.ranks == [7]
     u, s, vh = torch.linalg.svd(second)
     torch.testing.assert_close(thresholded, (u * (s - tau).clamp_min(0)) @ vh, atol=1e-5, rtol=0)
@@ -338,11 +337,12 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     assert counts["tried"] == 5 and counts["certified"] == 1  # float64: always the full SVD
 
 
-def test_first_thresholding_of_a_multiple_of_the_core_is_its_own_svd_scaled():
-    """The ALM's first target is ``factor · M``: its ``D_τ`` from the core's right singular
-    vectors and values (the Gram's eigendecomposition) equals the full SVD's, keeps the same
-    rank and leaves the next thresholding its warm basis; float64 cores, the textbook solver
-    and cores below the certified size keep their own path."""
+def test_thresholding_a_spectral_function_of_the_core_is_its_own_svd_shrunk():
+    """While C = 0 the ALM's targets are ``M V diag(f) Vᵀ`` for the core ``M = U diag(s) Vᵀ``:
+    their ``D_τ`` from the core's right singular vectors and values (the Gram's
+    eigendecomposition) equals the full SVD's, keeps the same rank, reports each value's kept
+    share and leaves the next thresholding its basis, ordered by ``s ⊙ f``; float64 cores,
+    the textbook solver and cores below the certified size keep their own path."""
     generator = torch.Generator().manual_seed(1)
     updates = [
         {"m": (torch.randn(200, 8, generator=generator), torch.randn(8, 150, generator=generator))}
@@ -350,27 +350,34 @@ def test_first_thresholding_of_a_multiple_of_the_core_is_its_own_svd_scaled():
     ]
     validated = validate_updates(updates)
     core = stacking_core(compress_module(validated, "m", validated.included))
-    matrix, factor = core.matrix, 1.3
-    values = core.right_singular[1]
-    tau = factor * float(values[4] + values[5]) / 2  # five values above
+    matrix = core.matrix
+    vectors, values = core.right_singular
     solver = decomposition._SvtState(1, None)
     solver.start_from(0, core.right_singular)
-    result = solver.threshold_multiple(0, matrix, factor, tau, out=torch.empty_like(matrix))
-    u, s, vh = torch.linalg.svd((factor * matrix).double())
-    expected = (u * (s - tau).clamp_min(0)) @ vh
-    assert solver.ranks == [int((s > tau).sum())] == [5]
-    torch.testing.assert_close(result.double(), expected, atol=1e-5 * float(s[0]), rtol=0)
-    assert solver._bases[0].shape == (96, solver.ranks[0] + decomposition._CERTIFIED_EXTRA + 1)
-    assert solver._starts[0] is None  # consumed
+    uniform = solver.spectral_start(0, matrix, 0.3)
+    reordered = uniform.clone()
+    reordered[7] = 4.0  # the 8th direction moves to the top
+    for multipliers in (1.0 + uniform, reordered):
+        target = float(values[4] + values[5]) / 2 * 1.3  # a threshold between two values
+        out = torch.empty_like(matrix)
+        result, kept = solver.threshold_spectral(0, matrix, multipliers, target, out=out)
+        spectral = (matrix.double() @ vectors.double()) * multipliers @ vectors.double().T
+        u, s, vh = torch.linalg.svd(spectral)
+        expected = (u * (s - target).clamp_min(0)) @ vh
+        assert result is out and solver.ranks == [int((s > target).sum())]
+        torch.testing.assert_close(result.double(), expected, atol=1e-5 * float(s[0]), rtol=0)
+        shares = (multipliers - target / values.double()).clamp_min(0)
+        torch.testing.assert_close(kept, shares)
+        first = 7 if multipliers is reordered else 0  # the bases are ordered by s ⊙ f
+        torch.testing.assert_close(solver._bases[0][:, 0], vectors[:, first], rtol=0, atol=0)
+        assert solver._bases[0].shape[1] == solver.ranks[0] + decomposition._CERTIFIED_EXTRA + 1
     for dtype, full in ((torch.float64, False), (torch.float32, True)):
         other = decomposition._SvtState(1, None, full=full)
         other.start_from(0, core.right_singular)
-        out = torch.empty_like(matrix, dtype=dtype)
-        assert other.threshold_multiple(0, matrix.to(dtype), factor, tau, out=out) is None
+        assert other.spectral_start(0, matrix.to(dtype), 0.3) is None
     small = decomposition._SvtState(1, None)
     small.start_from(0, core.right_singular)
-    corner = matrix[:32, :32].contiguous()
-    assert small.threshold_multiple(0, corner, factor, tau, out=corner.clone()) is None
+    assert small.spectral_start(0, matrix[:32, :32], 0.3) is None
 
 
 def test_tail_certificate_never_passes_a_singular_value_at_or_above_tau(monkeypatch):
@@ -437,10 +444,10 @@ def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     }
     full, certified = results["full"], results["auto"]
     assert counts["certified"] >= counts["tried"] // 2 > 0, counts
-    # The first thresholding of each module is the core's own SVD, scaled (from its right
-    # singular vectors and values), so every certified one starts from a previous basis.
+    # While C = 0 the targets are spectral functions of the core, thresholded from its own
+    # right singular vectors and values, so every certified one starts from a previous basis.
     assert all(core.right_singular is not None for core in cores)
-    assert counts["first"] == [] and counts["multiples"] == 2, counts
+    assert counts["first"] == [] and counts["spectral"] >= 2, counts
     # Certified in float32, by the whole deflated core where σ_{k+1} is near τ (early
     # thresholds), by its four row blocks where it is well below (later ones).
     f32 = torch.float32

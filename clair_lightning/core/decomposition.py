@@ -146,21 +146,27 @@ def _inexact_alm(
     for core in cores:
         if core.shape not in work:
             work[core.shape] = (torch.empty_like(core), torch.empty_like(core))
+    # Until a client's pooled block first exceeds λ/μ, C = 0 and every iterate is a spectral
+    # function of the core M = U diag(s) Vᵀ: Y = U diag(s ⊙ w) Vᵀ, from w = 1/J, and the target
+    # M + Y/μ has M's singular vectors (``threshold_spectral``); None once C moves.
+    multipliers = [solver.spectral_start(m, core, 1.0 / dual_scale) for m, core in enumerate(cores)]
     for iteration in range(1, max_iterations + 1):
         for m, (core, y) in enumerate(zip(cores, duals, strict=True)):
             shifted, low_rank_target = work[core.shape]
             torch.add(core, y, alpha=1.0 / penalty, out=shifted)
             torch.sub(shifted, sparse[m], out=low_rank_target)
-            low_rank = None
-            if iteration == 1:  # the target is (1 + 1/(μJ)) M, whose SVD is the core's own
-                factor = 1.0 + 1.0 / (penalty * dual_scale)
-                low_rank = solver.threshold_multiple(
-                    m, core, factor, 1.0 / penalty, out=low_rank_target
+            dual = multipliers[m]
+            if dual is not None:
+                low_rank, kept = solver.threshold_spectral(
+                    m, core, 1.0 + dual / penalty, 1.0 / penalty, out=low_rank_target
                 )
-            if low_rank is None:
+                multipliers[m] = dual + penalty * (1.0 - kept)  # Y + μ(M − L) while C = 0
+            else:
                 low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty, out=low_rank_target)
             torch.sub(shifted, low_rank, out=sparse[m])
         factors = _shrink_factors(sparse, owners, num_clients, lam / penalty, work)
+        if any(dual is not None for dual in multipliers) and bool((factors > 0).any()):
+            multipliers = [None] * len(cores)
         # With C = s ⊙ Z, the new dual is μ(Z − C) and M − L − C = Z − C − Y/μ; (1 − s) per
         # column, for both passes below.
         keeps = [
@@ -237,7 +243,8 @@ class _SvtState:
 
     Cores up to ``_FULL_SVD_MAX_SIZE`` get the exact thresholding: for float32 cores a certified
     subspace iteration started from the previous iteration's right singular vectors
-    (``_certified_svd``), a full SVD where its certificate fails and for other dtypes.
+    (``_certified_svd``), a full SVD where its certificate fails and for other dtypes; targets
+    with the core's own singular vectors take them (``threshold_spectral``).
     Larger ones get a randomized SVD whose sketch starts from the previous right singular
     vectors and whose width follows the predicted rank
     (PROPACK-style), widening until the smallest computed value falls below the threshold.
@@ -253,22 +260,15 @@ class _SvtState:
         self._generator = generator
 
     def start_from(self, module: int, right_singular: tuple[Tensor, Tensor] | None) -> None:
-        """Right singular vectors and values of the core, for the first thresholding: both
-        solvers' first target is a multiple of the core, so they span its leading subspace."""
+        """Right singular vectors and values of the core, for the first thresholdings: both
+        solvers' first target is a multiple of the core, so they span its leading subspace, and
+        the ALM's targets have exactly the core's singular vectors until C moves."""
         self._starts[module] = right_singular
 
-    def threshold_multiple(
-        self, module: int, core: Tensor, factor: float, tau: float, out: Tensor
-    ) -> Tensor | None:
-        """``D_τ(factor · core)``, written into ``out``, from the core's right singular vectors
-        and values (``start_from``) for float32 cores the certified iteration serves; else
-        ``None``.
-
-        The ALM's first target is such a multiple and its SVD is the core's own, so ``D_τ`` is
-        ``M V_k diag((factor s_k − τ)/s_k) V_kᵀ`` over the ``k`` values with ``factor s_k > τ``,
-        without a subspace iteration or certificate (1.9 CPU ms at d = 4096, K = 16). It is as
-        accurate as the Gram the vectors and values came from, which the core was formed from.
-        """
+    def spectral_start(self, module: int, core: Tensor, value: float) -> Tensor | None:
+        """``value`` for each of the core's right singular vectors (``start_from``, float64),
+        where ``threshold_spectral`` serves the core: float32 cores the certified iteration
+        serves, unless every thresholding is a full SVD; else ``None``."""
         start = self._starts[module]
         rows, cols = core.shape
         if (
@@ -279,16 +279,34 @@ class _SvtState:
             or cols < _CERTIFIED_MIN_SIZE
         ):
             return None
-        self._starts[module] = None
-        vectors, singular = start
-        scaled = singular * factor
-        kept = self.ranks[module] = int((scaled > tau).sum())
-        self._bases[module] = vectors[:, : kept + _CERTIFIED_EXTRA + 1]  # the next one's start
-        if kept == 0:
-            return out.zero_()
-        right = vectors[:, :kept]
-        shrink = (scaled[:kept] - tau) / singular[:kept]
-        return torch.matmul((core @ right) * shrink, right.T, out=out)
+        return torch.full_like(start[1], value, dtype=torch.float64)
+
+    def threshold_spectral(
+        self, module: int, core: Tensor, multipliers: Tensor, tau: float, out: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``D_τ`` of ``M V diag(f) Vᵀ`` for the core ``M = U diag(s) Vᵀ`` and ``f = multipliers``
+        (one per right singular vector of ``start_from``), written into ``out``, and
+        ``(f − τ/s)₊``, the kept share of each singular value.
+
+        The target's SVD is the core's own with values ``s ⊙ f``, so ``D_τ`` is
+        ``M V_k diag((s_k f_k − τ)/s_k) V_kᵀ`` over the ``k`` values above τ, without a
+        subspace iteration or certificate (1.6–1.9 CPU ms a thresholding at d = 4096,
+        K = 16). It is as accurate as the Gram the vectors and values came from, which the
+        core was formed from. The vectors ordered by ``s ⊙ f`` start the next thresholding.
+        """
+        vectors, singular = self._starts[module]
+        values = singular.to(torch.float64)
+        target = values * multipliers
+        kept = (multipliers - tau / values.clamp_min(1e-300)).clamp_min(0.0)
+        order = torch.argsort(target, descending=True)
+        count = self.ranks[module] = int((target > tau).sum())
+        self._bases[module] = vectors[:, order[: count + _CERTIFIED_EXTRA + 1]]
+        if count == 0:
+            return out.zero_(), kept
+        chosen = order[:count]
+        right = vectors[:, chosen]
+        shrink = ((target[chosen] - tau) / values[chosen]).to(core.dtype)
+        return torch.matmul((core @ right) * shrink, right.T, out=out), kept
 
     def threshold(
         self, module: int, matrix: Tensor, tau: float, out: Tensor | None = None
