@@ -124,6 +124,18 @@ def test_a_copied_client_is_not_flagged_but_colluders_sending_a_crafted_message_
     assert all(crafted.score_components["collusion_z"][k] > THRESHOLD for k in (1, 2, 3))
 
 
+def test_copies_making_up_half_the_clients_are_found_as_a_group():
+    """Four mimics copy client 0: five identical of ten. The closeness z-scores take the lower
+    median, which stays on the five independent clients (the median sits halfway to the copies,
+    z 0.7), so the copies form a group, count once, and nobody is flagged."""
+    federation = _small_federation()
+    copies = [k in (1, 2, 3, 4) for k in range(10)]
+    mimicked = clair_aggregate(contaminate(federation.updates, copies, "mimic", victim=0))
+    closeness = mimicked.score_components["closeness_z"]
+    assert all((closeness[k] > THRESHOLD) == (k <= 4) for k in range(10))
+    assert not any(mimicked.contaminated)
+
+
 def test_two_identical_colluders_are_flagged():
     """Two of ten clients send one ALIE message: a pair, flagged on the evidence against it."""
     federation = synthetic_federation(
