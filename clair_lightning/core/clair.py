@@ -24,13 +24,7 @@ from .compression import (
     stacking_core,
 )
 from .decomposition import Decomposition, Formulation, block_outlier_pursuit
-from .detection import (
-    centre_distance,
-    direction_scores,
-    median,
-    near_duplicate_groups,
-    robust_z,
-)
+from .detection import centre_distance, direction_scores, near_duplicate_groups, robust_z
 from .factors import Split
 from .gram import blockwise_product_gram, compressed_product_gram
 from .refinement import ModuleRefinement, consensus, module_refinement, refine, refined_at_rank
@@ -825,7 +819,7 @@ def _coefficient_gram_from_bases(
 def _median_norm(module: CompressedModule) -> Tensor:
     """The module's median client norm: every statistic pooled over modules is scaled by it, so
     every module weighs alike."""
-    return median(module.norms).clamp_min(1e-30)
+    return module.norms.median().clamp_min(1e-30)
 
 
 def _log_relative_norm(modules: list[CompressedModule]) -> Tensor:
