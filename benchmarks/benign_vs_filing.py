@@ -16,21 +16,27 @@ and the old code trains the same benign updates):
     # checkout; these links make the old package use its own
     ln -s ../recipes ../filing/clair_lightning/recipes
     ln -s ../callbacks ../filing/clair_lightning/callbacks
-    ATTACKS=none,a_little_is_enough,adaptive_in_subspace,...,sign_flip
+    ATTACKS=none,a_little_is_enough,adaptive_in_subspace,gaussian,inner_product_manipulation
+    ATTACKS=$ATTACKS,inner_product_manipulation_large,mimic,min_max_std,min_max_unit_vector
+    ATTACKS=$ATTACKS,min_sum_std,min_sum_unit_vector,partial_off_subspace,rank1_off_subspace
+    ATTACKS=$ATTACKS,scaling,sign_flip
     for stem in text_copy_20pct text_copy_40pct linear_regression_20pct linear_regression_40pct
     do
+        # nonfinite (uploads dropped at validation) only where the recipe excludes them
+        extra=$(case $stem in text_copy*) echo ,nonfinite;; esac)
         for version in filing now; do
             tree=$([ $version = filing ] && echo ../filing || echo .)
             OMP_NUM_THREADS=1 PYTHONPATH=$tree python -m clair_lightning.compare \\
-                --config configs/$stem.yaml --aggregators clair --contaminations $ATTACKS \\
+                --config configs/$stem.yaml --aggregators clair --contaminations $ATTACKS$extra \\
                 --seeds 0,1,2 --no-wandb --output results/benign_vs_filing/$version/$stem
         done
     done
     python benchmarks/benign_vs_filing.py results/benign_vs_filing/{filing,now} \\
         --update-readme README.md
 
-(the attack list is the README's per-attack one). Every subfolder present in both roots with a
-``results.json`` gives a table. A difference is called worse (or better) when the mean of the
+The attacks are the README's per-attack list; the configs are today's for both runs (b590dfb
+accepts them unchanged). Every subfolder present in both roots with a ``results.json`` gives a
+table. A difference is called worse (or better) when the mean of the
 per-seed paired differences exceeds twice its standard error, else "within noise"; "same" when
 every seed's difference is float rounding (at most 1e-6).
 """
