@@ -75,7 +75,7 @@ def paired_verdict(filing: list[float], now: list[float], higher_is_better: bool
     worse = [0.0 if abs(d) <= ROUNDING else d for d in worse]
     mean = statistics.fmean(worse)
     error = statistics.stdev(worse) / math.sqrt(len(worse)) if len(worse) > 1 else math.inf
-    if mean == 0:
+    if not any(worse):
         verdict = "same"
     elif abs(mean) > 2 * error:
         verdict = "worse" if mean > 0 else "better"

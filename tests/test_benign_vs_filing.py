@@ -33,6 +33,8 @@ def test_worse_follows_the_metric_direction_and_rounding_is_the_same():
     assert noisy["verdict"] == "within noise" and noisy["seeds_worse"] == 1
     rounded = benign_vs_filing.paired_verdict(up, [v + 1e-9 for v in up], higher_is_better=False)
     assert rounded["verdict"] == "same" and rounded["seeds_worse"] == 0
+    cancelling = benign_vs_filing.paired_verdict(up, [0.79, 0.82, 0.82], higher_is_better=True)
+    assert abs(cancelling["mean_worse"]) < 1e-12 and cancelling["verdict"] == "within noise"
 
 
 def test_tables_pair_cells_by_scenario_and_seed(tmp_path, capsys):
