@@ -154,7 +154,6 @@ def _inexact_alm(
         for m, (core, y) in enumerate(zip(cores, duals, strict=True)):
             shifted, low_rank_target = work[core.shape]
             torch.add(core, y, alpha=1.0 / penalty, out=shifted)
-            torch.sub(shifted, sparse[m], out=low_rank_target)
             dual = multipliers[m]
             if dual is not None:
                 low_rank, kept = solver.threshold_spectral(
@@ -162,6 +161,7 @@ def _inexact_alm(
                 )
                 multipliers[m] = dual + penalty * (1.0 - kept)  # Y + μ(M − L) while C = 0
             else:
+                torch.sub(shifted, sparse[m], out=low_rank_target)
                 low_rank = solver.threshold(m, low_rank_target, 1.0 / penalty, out=low_rank_target)
             torch.sub(shifted, low_rank, out=sparse[m])
         factors = _shrink_factors(sparse, owners, num_clients, lam / penalty, work)
