@@ -337,6 +337,38 @@ def test_certified_thresholding_finds_a_direction_its_warm_basis_misses(monkeypa
     assert counts["tried"] == 5 and counts["certified"] == 1  # float64: always the full SVD
 
 
+def test_certified_thresholding_stops_within_its_ritz_tolerance_of_the_exact_svt(monkeypatch):
+    """A warm basis near the converged one (an ALM's previous iterate): after the float32
+    power step the first float64 sweep leaves a Ritz residual of about 8ε‖M‖_F, above 4ε‖M‖_F
+    (a second sweep at that tolerance), below ``_RITZ_TOLERANCE · ε‖M‖_F``; the rank is the full
+    SVD's and ``D_τ`` within that tolerance of the exact one computed in float64."""
+    sweeps = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda x: sweeps.append(x.shape) or eigh(x))
+    generator = torch.Generator().manual_seed(4)
+    n, tau, rank = 128, 1.0, 10
+    left = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+    tail = 0.5 * torch.rand(n - rank, generator=generator, dtype=torch.float64)
+    values = torch.cat([torch.logspace(2, 0.5, rank, dtype=torch.float64), tail])
+    matrix = ((left * values) @ right.T).float()
+    u, s, vh = torch.linalg.svd(matrix.double())
+    exact = (u * (s - tau).clamp_min(0)) @ vh
+    warm = vh[: rank + decomposition._CERTIFIED_EXTRA + 1].T
+    warm = (warm + 3e-4 * torch.randn(warm.shape, generator=generator, dtype=warm.dtype)).float()
+    results = {}
+    for tolerance in (4.0, decomposition._RITZ_TOLERANCE):
+        monkeypatch.setattr(decomposition, "_RITZ_TOLERANCE", tolerance)
+        solver = decomposition._SvtState(1, None)
+        solver.ranks, solver._bases = [rank], [warm]
+        sweeps.clear()
+        results[tolerance] = solver.threshold(0, matrix, tau), len(sweeps), solver.ranks
+    assert [(count, ranks) for _, count, ranks in results.values()] == [(2, [rank]), (1, [rank])]
+    bound = decomposition._RITZ_TOLERANCE * torch.finfo(torch.float32).eps * float(s.norm())
+    for thresholded, _, _ in results.values():
+        assert float((thresholded.double() - exact).norm()) <= bound
+
+
 def test_thresholding_a_spectral_function_of_the_core_is_its_own_svd_shrunk():
     """While C = 0 the ALM's targets are ``M V diag(f) Vᵀ`` for the core ``M = U diag(s) Vᵀ``:
     their ``D_τ`` from the core's right singular vectors and values (the Gram's

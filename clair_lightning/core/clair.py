@@ -838,9 +838,12 @@ def _per_client(
     """Spread included-client tensors back to all K clients; excluded ones are flagged, inf."""
     contaminated = [True] * validated.num_clients
     per_client = [float("inf")] * validated.num_clients
-    for position, client in enumerate(validated.included):
-        contaminated[client] = bool(flags[position])
-        per_client[client] = float(values[position])
+    # One host copy per tensor, not one per client (12 calls a round, 35 µs each at K = 16).
+    for client, flag, value in zip(
+        validated.included, flags.tolist(), values.tolist(), strict=True
+    ):
+        contaminated[client] = bool(flag)
+        per_client[client] = float(value)
     return contaminated, per_client
 
 
