@@ -480,10 +480,10 @@ def test_certified_thresholding_gives_the_full_svd_solution(monkeypatch):
     # right singular vectors and values, so every certified one starts from a previous basis.
     assert all(core.right_singular is not None for core in cores)
     assert counts["first"] == [] and counts["spectral"] >= 2, counts
-    # Certified in float32, by the whole deflated core where σ_{k+1} is near τ (early
-    # thresholds), by its four row blocks where it is well below (later ones).
+    # Certified in float32, by row blocks of the deflated core (four where σ_{k+1} is well
+    # below τ), each at its first try.
     f32 = torch.float32
-    assert {(f32, 4, True), (f32, 1, True)} <= set(certificates), certificates
+    assert (f32, 4, True) in certificates and all(passed for _, _, passed in certificates)
     assert {dtype for dtype, _, _ in certificates} == {f32}
     assert certified.low_rank_ranks == full.low_rank_ranks
     assert certified.iterations == full.iterations and certified.lam == full.lam
