@@ -418,7 +418,7 @@ class _SubspaceEstimator:
                 else min(cap, self._rule if isinstance(self._rule, int) else low_rank_rank) + 1
             )
             if core.gram is not None:  # the members' block of the core's Gram
-                block = core.gram[columns[:, None], columns[None, :]]
+                block = core.gram.index_select(0, columns).index_select(1, columns)
                 basis, singular = leading_left_singular_from_gram(
                     weighted, block, scale[columns], wanted
                 )

@@ -163,7 +163,7 @@ class RowBasisGram:
         rows = torch.cat(
             [torch.arange(self.blocks[i].start, self.blocks[i].stop, device=device) for i in chosen]
         )
-        selected = self.gram[rows[:, None], rows[None, :]]
+        selected = self.gram.index_select(0, rows).index_select(1, rows)
         widths = [self.blocks[i].stop - self.blocks[i].start for i in chosen]
         column_blocks = selected.split(widths, dim=1)
         right = torch.cat(
