@@ -50,8 +50,8 @@ class CompressedModule:
         """``stacked @ other`` from the factors, ``Σ_k B_k (R_kᵀ other[block_k])``."""
         product = None
         for b, r, block in zip(self.b_factors, self.row_factors, self.blocks, strict=True):
-            part = b @ (r.T @ other[block])
-            product = part if product is None else product.add_(part)
+            small = r.T @ other[block]
+            product = b @ small if product is None else product.addmm_(b, small)
         return product
 
 

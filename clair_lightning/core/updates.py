@@ -249,17 +249,18 @@ _FLOAT32_RANGE = (torch.float32, torch.float16, torch.bfloat16)
 
 def _absurd_norms(norms: Tensor, excluded: dict[int, str]) -> dict[int, str]:
     """Clients whose norm is more than ``ABSURD_NORM_RATIO`` times the median non-zero norm."""
-    moved = [k for k in range(len(norms)) if k not in excluded and norms[k] > 0]
+    values = norms.tolist()  # one host copy, not one per client
+    moved = [k for k, value in enumerate(values) if k not in excluded and value > 0]
     if len(moved) < 2:
         return {}
     median = float(norms[moved].median())
     return {
         k: (
-            f"update norm {float(norms[k]):.3g} is {float(norms[k]) / median:.2g} times the "
+            f"update norm {values[k]:.3g} is {values[k] / median:.2g} times the "
             f"median client's {median:.3g} (more than {ABSURD_NORM_RATIO:g}): not plausible"
         )
         for k in moved
-        if norms[k] > ABSURD_NORM_RATIO * median
+        if values[k] > ABSURD_NORM_RATIO * median
     }
 
 
