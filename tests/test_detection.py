@@ -353,3 +353,40 @@ def test_support_check_pads_clients_of_lower_rank():
         assert torch.equal(padded[position, :, : widths[position]], coefficients[:, block])
         assert not padded[position, :, widths[position] :].any()
     assert clair_aggregate(updates, checks=("support",)).contaminated == four
+
+
+def _own_directions_federation(seed=1, own=0.5):
+    """Eight benign clients share two strong directions and carry two weaker ones a little;
+    client 4 carries the weaker ones strongly (a task part of its own); 8 and 9 send noise."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.linalg.qr(torch.randn(32, 4, generator=generator))[0]
+    strong, weak = directions[:, :2], directions[:, 2:]
+    updates = []
+    for client in range(10):
+        a = torch.linalg.qr(torch.randn(32, 4, generator=generator))[0].T
+        if client >= 8:
+            b = torch.randn(32, 4, generator=generator)
+        else:
+            level = own if client == 4 else 0.12
+            b = (
+                strong @ torch.randn(2, 4, generator=generator)
+                + level * weak @ torch.randn(2, 4, generator=generator)
+                + 0.05 * torch.randn(32, 4, generator=generator)
+            )
+        updates.append({"m": (b, a)})
+    return updates
+
+
+def test_a_benign_client_with_directions_past_the_rank_gap_is_not_flagged_off_subspace():
+    """The gap rule keeps the two strong directions; client 4's own part lies in the next two, so
+    at the chosen rank it leaves the subspace far more than the others. With the subspace at
+    twice the rank and every client left out of it, it is typical; the noise senders are not."""
+    result = clair_aggregate(_own_directions_federation())
+    components = result.score_components
+    assert result.contaminated == [False] * 8 + [True, True]
+    assert result.diagnostics["subspace_ranks"] == {"m": 2}
+    share = torch.tensor(components["off_subspace_fraction"], dtype=torch.float64)
+    at_chosen_rank = robust_z(share, ~torch.tensor(result.contaminated), 0.02)
+    assert float(at_chosen_rank[4]) > THRESHOLD  # flagged before the widened confirmation
+    assert components["off_subspace_z"][4] <= THRESHOLD
+    assert min(components["off_subspace_z"][8:]) > THRESHOLD

@@ -173,8 +173,16 @@ def clair_aggregate(
         generator,
     )
     decomposition_z = robust_z(decomposition.sparse_fraction, independent, off_subspace_floor)
+    duplicated = torch.zeros_like(everyone)
+    for group in groups:
+        duplicated |= group
     core_subspaces, residual, off_z, rounds = _settle_off_subspace_flags(
-        subspace_estimator, decomposition_z > threshold, independent, off_subspace_floor, threshold
+        subspace_estimator,
+        decomposition_z > threshold,
+        independent,
+        duplicated,
+        off_subspace_floor,
+        threshold,
     )
     flags = (off_z > threshold) if "off_subspace" in checks else ~everyone
     reference = ~flags
@@ -535,6 +543,7 @@ def _settle_off_subspace_flags(
     estimator: _SubspaceEstimator,
     flags: Tensor,
     independent: Tensor,
+    duplicated: Tensor,
     floor: float,
     threshold: float,
 ) -> tuple[list[Tensor], Tensor, Tensor, int]:
@@ -557,6 +566,9 @@ def _settle_off_subspace_flags(
     out; with 10 benign clients the rank was 6 and its z 2.2). Widened and left out it scores
     3.0, while the two ``min_max_std`` colluders of that round keep 14.0 (15.1 at the chosen
     rank). Clients the decomposition flagged are not re-tested: that is evidence of its own.
+    Members of near-duplicate groups (``duplicated``) are left out of the reference of that
+    confirmation: a group's one crafted message is no independent estimate of the benign
+    subspace (with the two ``adaptive_in_subspace`` colluders in it, the same client scored 5.0).
     """
     decomposed = flags
     rounds = 0
@@ -571,7 +583,8 @@ def _settle_off_subspace_flags(
             settled = settled | _masked_group(residual, reference & independent, floor, threshold)
         suspects = settled & ~decomposed
         if bool(suspects.any()):
-            confirmed = _widened_left_out_z(estimator, ~settled & independent, floor)
+            rest = ~settled & independent & ~duplicated
+            confirmed = _widened_left_out_z(estimator, rest, floor)
             off_z = torch.where(suspects, torch.minimum(off_z, confirmed), off_z)
             settled = settled & ~(suspects & (confirmed <= threshold))
         if torch.equal(settled, flags) or rounds == _MAX_DETECTION_ROUNDS:
