@@ -390,7 +390,8 @@ class _SubspaceEstimator:
         starts them from the leading vectors of the smallest estimated superset of
         ``members`` (a group's rest within the reference set), when there is one: one power
         iteration instead of a random sketch and two. ``widened`` gives the same estimate with
-        twice the chosen rank per module (at most the cap), from the same singular vectors.
+        up to twice the chosen rank per module, from the same singular vectors: at most the
+        cap under the ``gap`` and ``energy`` rules, one more than a fixed or low-rank rank.
         """
         members = members & self._independent
         key = tuple(members.tolist())
