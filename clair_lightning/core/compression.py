@@ -81,10 +81,9 @@ def _compress(
 ) -> tuple[CompressedModule, Tensor]:
     """The compressed module and the transposed stacking its norms were measured on."""
     factors = [validated.updates[k][name] for k in clients]
-    row_factors = [
-        _row_space_factor(a, validated.row_grams.get((k, name)))
-        for k, (_, a) in zip(clients, factors, strict=True)
-    ]
+    row_factors = _row_space_factors(
+        [a for _, a in factors], [validated.row_grams.get((k, name)) for k in clients]
+    )
     # A client's block is min(rank, d_in) wide: R has that many rows.
     widths = [r.shape[0] for r in row_factors]
     offsets = [0]
@@ -234,17 +233,34 @@ def _well_conditioned_inverses(factors: list[Tensor]) -> list[Tensor | None]:
     return inverses
 
 
-def _row_space_factor(a: Tensor, gram: Tensor | None = None) -> Tensor:
-    """``R`` with ``RᵀR = A Aᵀ`` from a thin QR ``Aᵀ = Q R`` (``min(r, d_in) x r``); ``gram`` is
-    ``A Aᵀ`` where the validation already took it."""
-    if a.shape[0] > a.shape[1]:
-        return torch.linalg.qr(a.T, mode="r")[1]
-    factor, info = torch.linalg.cholesky_ex(a @ a.T if gram is None else gram, upper=True)
-    if int(info) == 0:
-        diagonal = factor.diagonal().abs()
-        if diagonal.min() > diagonal.max() * numerical_floor(a.dtype):
-            return factor
-    return torch.linalg.qr(a.T, mode="r")[1]
+def _row_space_factors(a_factors: list[Tensor], grams: list[Tensor | None]) -> list[Tensor]:
+    """Per client, ``R`` with ``RᵀR = A Aᵀ`` from a thin QR ``Aᵀ = Q R`` (``min(r, d_in) x r``);
+    ``grams[i]`` is ``A Aᵀ`` where the validation already took it.
+
+    Cholesky-QR: the Cholesky factor of ``A Aᵀ``, for all clients of one rank in one batched
+    call and one check (bit-identical to one call per client, about 9 small operations fewer
+    per client); a QR of ``Aᵀ`` where ``A`` is tall, rank-deficient or badly conditioned.
+    """
+    factors: list[Tensor | None] = [None] * len(a_factors)
+    by_rank: dict[int, list[int]] = {}
+    for i, a in enumerate(a_factors):
+        if a.shape[0] <= a.shape[1]:
+            by_rank.setdefault(a.shape[0], []).append(i)
+    for members in by_rank.values():
+        stacked = torch.stack(
+            [a_factors[i] @ a_factors[i].T if grams[i] is None else grams[i] for i in members]
+        )
+        cholesky, info = torch.linalg.cholesky_ex(stacked, upper=True)
+        diagonal = cholesky.diagonal(dim1=1, dim2=2).abs()
+        floor = numerical_floor(stacked.dtype)
+        usable = (info == 0) & (diagonal.amin(dim=1) > diagonal.amax(dim=1) * floor)
+        for i, factor, keep in zip(members, cholesky, usable.tolist(), strict=True):
+            if keep:
+                factors[i] = factor
+    return [
+        torch.linalg.qr(a.T, mode="r")[1] if factor is None else factor
+        for a, factor in zip(a_factors, factors, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
