@@ -393,7 +393,7 @@ class _SvtState:
             # One power step in float32 first: its rounding is far below the previous basis's
             # distance to this target's subspace (it saves a third of the float64 sweeps).
             # (thinᵀMᵀM)ᵀ: 87 against 134 µs for MᵀMthin at 256 x 25, column-major for the QR.
-            thin = basis.to(matrix.dtype)
+            thin = _in_dtype(basis, matrix.dtype)
             basis = torch.linalg.qr(((thin.T @ matrix.T) @ matrix).T)[0]
         basis = basis.to(torch.float64)
         for _ in range(_CERTIFIED_SWEEPS):
@@ -415,7 +415,8 @@ class _SvtState:
                 # In the core's float32 unless its rounding of the deflation is too large.
                 estimate = listed[kept]  # ≤ σ_{k+1}: sets the certificate's blocks
                 narrow = right.to(matrix.dtype)
-                args = (kept_image.to(matrix.dtype), narrow[:, :kept], tau, estimate, frobenius)
+                kept_narrow = narrow[:, :kept]
+                args = (kept_image.to(matrix.dtype), kept_narrow, tau, estimate, frobenius)
                 below = _tail_below(matrix, *args)
                 if below is None:
                     below = _tail_below(wide, *args)
@@ -423,7 +424,7 @@ class _SvtState:
                     return None
                 self._bases[module] = narrow
                 left = (kept_image / top).to(matrix.dtype)
-                return left, top.to(matrix.dtype), narrow[:, :kept].T
+                return left, top.to(matrix.dtype), kept_narrow.T
             # Shifted: (MᵀM − cI) with c = s_{k+1}², at most s_k²/4. Most of the tail of MᵀM
             # lies just below σ_{k+1}² and is damped to about zero (call 0 of the benchmark's
             # ALM: 4 -> 3 sweeps, call 1: 3 -> 2); the fixed point is the same subspace.
@@ -501,7 +502,7 @@ def _tail_below(
     """
     dtype = matrix.dtype
     eps = torch.finfo(dtype).eps
-    left, right = image.to(dtype), right.to(dtype)
+    left, right = _in_dtype(image, dtype), _in_dtype(right, dtype)
     deflated = torch.addmm(matrix, left, right.T, alpha=-1.0)
     # ‖fl(F) − F‖_F ≤ γ_{k+1}(‖M‖_F + ‖image‖_F ‖right‖_F), twice over.
     if frobenius is None:
@@ -534,11 +535,13 @@ def _blocks_below(blocks: Tensor, squared_bound: float, eps: float) -> bool:
         grams = torch.bmm(blocks, blocks.transpose(1, 2))
     # ‖F_b‖_F² from the Grams' traces (rounded by γ_cols, inside the twice-over margin); the
     # smallest shift serves every block (a smaller shift only proves a smaller bound).
-    square = max(grams.diagonal(dim1=1, dim2=2).sum(-1).tolist())
+    diagonal = grams.diagonal(dim1=1, dim2=2)  # a view: it follows the in-place negation
+    square = max(diagonal.sum(-1).tolist())
     shift = squared_bound - 2.0 * eps * ((cols + 2) * square + (width + 2) * width * squared_bound)
     if shift <= 0.5 * squared_bound:
         return False
-    grams.neg_().diagonal(dim1=1, dim2=2).add_(shift)
+    grams.neg_()
+    diagonal.add_(shift)
     return not bool(torch.linalg.cholesky_ex(grams)[1].any())
 
 
@@ -551,7 +554,8 @@ def _shrink_factors(
 ) -> Tensor:
     """Group soft-thresholding factors ``max(0, 1 − τ/‖X_k‖)`` per client (pooled norms)."""
     norms = _pooled_block_norms(targets, owners, num_clients, work)
-    return torch.where(norms > tau, 1.0 - tau / norms.clamp_min(1e-30), 0.0)
+    # Equal to torch.where(norms > tau, 1 − τ/‖X_k‖, 0) bit for bit, one operation fewer.
+    return (1.0 - tau / norms.clamp_min(1e-30)).clamp_min(0.0)
 
 
 def _block_shrink(
@@ -577,6 +581,11 @@ def _pooled_block_norms(
         squares = torch.mul(matrix, matrix, out=out)
         squared.index_add_(0, owner, squares.sum(0).to(torch.float64))
     return squared.sqrt()
+
+
+def _in_dtype(matrix: Tensor, dtype: torch.dtype) -> Tensor:
+    """``matrix.to(dtype)``, without the dispatched no-op (about 2 µs) where it is in ``dtype``."""
+    return matrix if matrix.dtype == dtype else matrix.to(dtype)
 
 
 def _total_norm(matrices: list[Tensor]) -> float:
