@@ -390,3 +390,33 @@ def test_a_benign_client_with_directions_past_the_rank_gap_is_not_flagged_off_su
     assert float(at_chosen_rank[4]) > THRESHOLD  # flagged before the widened confirmation
     assert components["off_subspace_z"][4] <= THRESHOLD
     assert min(components["off_subspace_z"][8:]) > THRESHOLD
+
+
+def test_a_benign_client_is_not_flagged_off_subspace_against_fewer_than_five_others():
+    """Five clients, one sending noise. Once it is out, a benign client that the decomposition
+    kept in the low-rank part scores beyond the threshold against the median and MAD of the
+    other three (the scale is the floor); with fewer than five clients to confirm it against,
+    the flag is not confirmed and its off-subspace z-score is zero."""
+    generator = torch.Generator().manual_seed(0)
+    federation = synthetic_federation(
+        5, heterogeneity=0.5, noise=0.1, num_modules=2, generator=generator
+    )
+    updates = [dict(update) for update in federation.updates]
+    for name, (b, a) in updates[0].items():
+        noise = torch.randn(b.shape, generator=generator, dtype=b.dtype)
+        updates[0][name] = (noise * (b.norm() / noise.norm()), a)
+    for name, (b, a) in updates[2].items():
+        subspace = federation.subspaces[name]
+        off = torch.randn(b.shape, generator=generator, dtype=b.dtype)
+        off = off - subspace @ (subspace.T @ off)
+        updates[2][name] = (b + 0.14 * off * (b.norm() / off.norm()), a)
+
+    result = clair_aggregate(updates)
+
+    components = result.score_components
+    assert result.contaminated == [True, False, False, False, False]
+    share = torch.tensor(components["off_subspace_fraction"], dtype=torch.float64)
+    against_the_rest = robust_z(share, ~torch.tensor(result.contaminated), 0.02)
+    suspect = 1 + int(against_the_rest[1:].argmax())
+    assert float(against_the_rest[suspect]) > THRESHOLD  # a flag the confirmation has to drop
+    assert components["off_subspace_z"][suspect] == 0.0
