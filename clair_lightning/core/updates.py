@@ -110,26 +110,21 @@ def validate_updates(
 
     client_weights = _normalised_weights(weights, len(updates))
     excluded: dict[int, str] = {}
-    magnitudes: list[dict[str, tuple[float, float]]] = [{} for _ in checked]
+    measured_grams: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in checked]
+    norm_values = [math.nan] * len(checked)
     for client, (update, weight) in enumerate(zip(checked, client_weights.tolist(), strict=True)):
         if weight == 0:
             excluded[client] = "weight is zero"
             continue
-        problem, magnitudes[client] = _nonfinite_problem_and_magnitudes(update)
+        problem, magnitudes = _nonfinite_problem_and_magnitudes(update)
         if problem is None:
+            # Right after the finiteness pass, while the client's factors are still in cache.
+            norm_values[client] = update_norm(update, measured_grams[client], magnitudes)
             continue
         if nonfinite == "raise":
             raise UpdateValidationError(f"client {client}: {problem}")
         excluded[client] = problem
-
-    measured_grams: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in checked]
-    norms = torch.tensor(
-        [
-            math.nan if k in excluded else update_norm(u, measured_grams[k], magnitudes[k])
-            for k, u in enumerate(checked)
-        ],
-        dtype=torch.float64,
-    )
+    norms = torch.tensor(norm_values, dtype=torch.float64)
     excluded.update(_absurd_norms(norms, excluded))
     excluded = dict(sorted(excluded.items()))
 
