@@ -4,7 +4,7 @@ import torch
 
 from clair_lightning import clair_aggregate
 from clair_lightning.core.attacks import contaminate
-from clair_lightning.core.clair import _padded_blocks
+from clair_lightning.core.clair import _one_direction_share, _padded_blocks
 from clair_lightning.core.compression import compress_module
 from clair_lightning.core.detection import direction_scores, robust_z
 from clair_lightning.core.synthetic import synthetic_federation
@@ -125,6 +125,44 @@ def test_two_identical_colluders_are_flagged():
     result = clair_aggregate(updates)
     assert result.contaminated == [k in attackers for k in range(10)]
     assert all(result.score_components["collusion_z"][k] > THRESHOLD for k in attackers)
+
+
+def test_colluders_departing_from_the_benign_mean_along_one_direction_are_flagged():
+    """Four of ten noisy clients send one ALIE message, ``μ − z·σ``: about as far from the
+    others and outside their subspace as a benign client, but its departure from their mean is
+    the nearly rank-one ``σ``. Benign departures spread over their updates' directions, and so
+    does a copy of a benign client's, so mimics sending those four updates are not flagged."""
+    federation = synthetic_federation(
+        10, heterogeneity=0.5, noise=0.6, num_modules=2, generator=torch.Generator().manual_seed(0)
+    )
+    attackers = [k in (1, 4, 6, 8) for k in range(10)]
+    updates = contaminate(federation.updates, attackers, "a_little_is_enough")
+    assert clair_aggregate(updates).contaminated == attackers
+    assert not any(clair_aggregate(updates, excursion_floor=1e9).contaminated)
+    mimicked = contaminate(federation.updates, attackers, "mimic", victim=0)
+    result = clair_aggregate(mimicked)
+    assert all(result.score_components["closeness_z"][k] > THRESHOLD for k in (0, 1, 4, 6, 8))
+    assert not any(result.contaminated)
+
+
+def test_the_one_direction_share_matches_the_dense_singular_values():
+    federation = synthetic_federation(
+        8, rank=[2, 3, 4, 4, 3, 2, 4, 4], noise=0.3, generator=torch.Generator().manual_seed(2)
+    )
+    validated = validate_updates(federation.updates)
+    measured = torch.tensor([True] * 7 + [False])
+    rest = torch.tensor([False, True, True, True, True, True, False, False])
+    weights = torch.arange(1.0, 9.0, dtype=torch.float64)
+    share = _one_direction_share(validated, measured, rest, weights)
+    (name,) = validated.module_names
+    products = [b @ a for b, a in (federation.updates[k][name] for k in range(8))]
+    mean = sum(weights[k] * products[k] for k in range(1, 6)) / weights[1:6].sum()
+    for k in range(8):
+        if k == 7:
+            assert share[k] == 0.0
+            continue
+        singular = torch.linalg.svdvals(products[k] - mean).square()
+        assert abs(float(share[k]) - float(singular[0] / singular.sum())) < 1e-10
 
 
 def test_a_direction_carried_by_a_colluding_minority_leaves_the_subspace():
