@@ -774,8 +774,10 @@ def _group_evidence(
     than every independent client's). A copy of a benign client scores low on all three.
     Zero when the group is not a minority or the rest has fewer than ``_SMALLEST_REFERENCE``
     clients (too few for a median and MAD, as in ``_masked_group``). When none of the three
-    is beyond ``threshold`` the group's departure from the rest's mean is tested too
-    (``_one_direction_share``).
+    is beyond ``threshold`` the group's departure from the mean of the rest along one direction
+    is tested too (``_one_direction_share``; one member for the group, the rest up to
+    ``_LEFT_OUT_FOLDS`` of its clients spread over it, as the left-out folds: the cost grows as
+    the cube of their summed ranks).
 
     The group is left out of the subspace it is measured against, the rest is not, and a
     client left out of a subspace leaves it further: in a benign text-copy federation of 8
@@ -799,17 +801,21 @@ def _group_evidence(
     typical_z = robust_z(closeness, rest, typical_floor)
     evidence = torch.stack([outside_z, clean_z, typical_z]).max(dim=0).values
     if float(evidence[group].max()) <= threshold:
-        share = _one_direction_share(validated, rest | group, rest, weights)
-        evidence = torch.maximum(evidence, robust_z(share, rest, excursion_floor))
+        others = _spread_sample(rest, _LEFT_OUT_FOLDS)
+        representative = torch.zeros_like(group)
+        representative[int(group.nonzero()[0])] = True
+        share = _one_direction_share(validated, others | representative, others, weights)
+        excursion_z = robust_z(share, others, excursion_floor)[representative]
+        evidence[group] = torch.maximum(evidence[group], excursion_z)
     return evidence[group]
 
 
 def _one_direction_share(
-    validated: ValidatedUpdates, measured: Tensor, rest: Tensor, weights: Tensor
+    validated: ValidatedUpdates, measured: Tensor, others: Tensor, weights: Tensor
 ) -> Tensor:
     """Per ``measured`` client, the share of ``‖Θ_k − μ‖²`` along its leading singular
-    direction, averaged over modules; ``μ`` is the weighted mean of the ``rest`` (zero for
-    the others).
+    direction, averaged over modules; ``μ`` is the weighted mean of the ``others`` (a subset
+    of ``measured``; zero for the clients not measured).
 
     An independent client departs from the others' mean by its own estimation noise and task,
     spread over the directions of its update. The attacks that move the benign mean by one
@@ -818,18 +824,19 @@ def _one_direction_share(
     deviation of LoRA products is nearly separable (row scale times column scale), so nearly
     rank one: 92–96% of its energy in every module of the text-copy rounds measured. "A
     little is enough" at 40% there departs by 0.94–0.98 in every module, benign clients by
-    0.44–0.80 (module means, six benign clients, rounds 1–6), a copy of a benign client as
-    its original. The mean of the rest without client ``k`` gives ``Θ_k − μ`` times a
-    positive number, so each rest client is measured left out of the mean, as the group is.
-    Exact, from the factors: with ``D = [B_j] diag(ω) [A_j]``, its squared singular values
-    are the eigenvalues of ``Sᵀ diag(ω) BᵀB diag(ω) S``, ``S Sᵀ = A Aᵀ`` (``Σr x Σr`` over
-    ``measured``).
+    0.44–0.87 (module means, six benign clients, rounds 1–6), a copy of a benign client as
+    its original. The mean of the others without client ``k`` gives ``Θ_k − μ`` times a
+    positive number, so each of the others is measured left out of the mean, as the group is.
+
+    Exact, from the factors: with ``D = B diag(ω) A`` (``B``, ``A`` the measured clients'
+    factors side by side), its squared singular values are the eigenvalues of
+    ``Sᵀ diag(ω) BᵀB diag(ω) S`` with ``S Sᵀ = AAᵀ`` (``Σr x Σr`` over ``measured``).
     """
     clients = validated.included
     index = measured.nonzero().flatten().tolist()
-    share = torch.zeros(len(rest), dtype=torch.float64, device=rest.device)
-    rest_weights = weights.to(torch.float64) * rest.to(torch.float64)
-    mean_weights = rest_weights / rest_weights.sum()
+    share = torch.zeros(len(measured), dtype=torch.float64, device=measured.device)
+    other_weights = (weights.to(torch.float64) * others.to(torch.float64))[index]
+    mean_weights = other_weights / other_weights.sum()
     for name in validated.module_names:
         factors = [validated.updates[clients[k]][name] for k in index]
         b = torch.cat([b for b, _ in factors], dim=1).to(torch.float64)
@@ -841,11 +848,21 @@ def _one_direction_share(
         for position, k in enumerate(index):
             own = torch.zeros(len(index), dtype=torch.float64, device=b.device)
             own[position] = 1.0
-            omega = torch.repeat_interleave(own - mean_weights[index], ranks)
+            omega = torch.repeat_interleave(own - mean_weights, ranks)
             scaled = root * omega[:, None]
             singular = torch.linalg.eigvalsh(scaled.T @ b_gram @ scaled)
             share[k] += float(singular[-1] / singular.sum().clamp_min(1e-300))
     return share / len(validated.module_names)
+
+
+def _spread_sample(members: Tensor, size: int) -> Tensor:
+    """Up to ``size`` of the ``members``, evenly spread over them (all of them if fewer)."""
+    index = members.nonzero().flatten()
+    if len(index) <= size:
+        return members.clone()
+    sample = torch.zeros_like(members)
+    sample[index[torch.arange(size, device=index.device) * len(index) // size]] = True
+    return sample
 
 
 def _left_out_z(
