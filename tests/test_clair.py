@@ -257,6 +257,13 @@ def test_result_shape_and_lazy_refined_sequence():
         ({"lam_factor": -1.0}, "lam_factor"),
         ({"subspace_rank": "largest"}, "subspace_rank"),
         ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"threshold": float("nan")}, "threshold must be a positive finite number, got nan"),
+        ({"off_subspace_floor": -0.02}, "off_subspace_floor must be a positive finite number"),
+        ({"excursion_floor": "0.05"}, "excursion_floor must be a positive finite number"),
+        ({"tolerance": 2.0}, "tolerance must be below 1"),
+        ({"max_iterations": 0}, "max_iterations must be at least 1"),
+        ({"max_subspace_rank": 2.5}, "max_subspace_rank must be an int"),
+        ({"seed": "zero"}, "seed must be an int"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):

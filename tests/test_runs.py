@@ -206,7 +206,10 @@ def test_round_summary_line_says_who_was_flagged_how_well_and_how_long(straight)
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--aggregation.options", "{threshold: -1}"], "threshold must be positive, got -1"),
+        (
+            ["--aggregation.options", "{threshold: -1}"],
+            "threshold must be a positive finite number, got -1",
+        ),
         (["--aggregation.options", "{checks: [bogus]}"], "checks must be a non-empty subset"),
         (["--aggregation.options", "{formulation: bogus}"], "formulation"),
         (["--optimizer", "Adam"], "unrecognized arguments"),
@@ -240,7 +243,10 @@ def test_bad_files_and_values_are_one_line_on_a_real_processs_stderr(tmp_path, s
         (["fit", "--config", str(malformed)], "is not valid YAML (line 2, column 1)"),
         (["predict", "--config", SMOKE], "invalid choice"),
         ([*fit, "--data.init_args.num_clients", "1"], "at least two clients"),
-        ([*fit, "--aggregation.options", "{threshold: -1}"], "threshold must be positive"),
+        (
+            [*fit, "--aggregation.options", "{threshold: -1}"],
+            "threshold must be a positive finite number",
+        ),
     ]
     script = "import sys; from clair_lightning.cli import main; sys.exit(main(sys.argv[1:]))"
     for arguments, message in cases:

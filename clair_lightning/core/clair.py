@@ -6,6 +6,8 @@ callback, the Flower strategy and outside users call.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,7 +138,23 @@ def clair_aggregate(
         ``d_out x r_s`` basis from the collaborative set), ``refined`` (exact factors, built on
         access), ``score_components`` and ``diagnostics``.
     """
-    _check_options(checks, flagged_policy, threshold)
+    _check_options(
+        checks,
+        flagged_policy,
+        {
+            "threshold": threshold,
+            "lam_factor": lam_factor,
+            "noise_level": noise_level,
+            "tolerance": tolerance,
+            "off_subspace_floor": off_subspace_floor,
+            "direction_floor": direction_floor,
+            "norm_floor": norm_floor,
+            "collusion_floor": collusion_floor,
+            "typical_floor": typical_floor,
+            "excursion_floor": excursion_floor,
+        },
+        {"max_iterations": max_iterations, "max_subspace_rank": max_subspace_rank, "seed": seed},
+    )
     timer = _StepTimer()
     validated = validate_updates(updates, weights, nonfinite=nonfinite)
     if validated.unmoved:
@@ -331,14 +349,34 @@ def _unmoved_result(validated: ValidatedUpdates) -> AggregationResult:
     )
 
 
-def _check_options(checks: Sequence[str], flagged_policy: str, threshold: float) -> None:
+def _check_options(
+    checks: Sequence[str],
+    flagged_policy: str,
+    positive: dict[str, object],
+    integers: dict[str, object],
+) -> None:
+    """Refuse option values that would silently break the statistics (a NaN threshold, a
+    negative floor, a string) with one line naming the option; ``positive`` must be finite
+    numbers above zero (``tolerance`` also below 1), ``integers`` ints (``max_subspace_rank``
+    may be ``None``; it and ``max_iterations`` at least 1)."""
     unknown = sorted(set(checks) - set(CHECKS))
-    if unknown or not checks:
-        raise ValueError(f"checks must be a non-empty subset of {CHECKS}, got {list(checks)}")
+    if isinstance(checks, str) or unknown or not checks:
+        raise ValueError(f"checks must be a non-empty subset of {CHECKS}, got {checks!r}")
     if flagged_policy not in ("own", "consensus"):
         raise ValueError(f"flagged_policy must be 'own' or 'consensus', got {flagged_policy!r}")
-    if threshold <= 0:
-        raise ValueError(f"threshold must be positive, got {threshold}")
+    for name, value in positive.items():
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not positive["tolerance"] < 1:
+        raise ValueError(f"tolerance must be below 1, got {positive['tolerance']!r}")
+    for name, value in integers.items():
+        if value is None and name == "max_subspace_rank":
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+        if name != "seed" and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 class _SubspaceEstimator:
