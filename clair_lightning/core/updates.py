@@ -146,7 +146,7 @@ def validate_updates(
             continue
         cast.append(
             {
-                name: (_cast(b, device, dtype), _cast(a, device, dtype))
+                name: (converted(b, dtype, device), converted(a, dtype, device))
                 for name, (b, a) in update.items()
             }
         )
@@ -203,7 +203,7 @@ def update_norm(
             and a.dtype in _FLOAT32_RANGE
             and low < min(b_scale, a_scale) <= max(b_scale, a_scale) < high
         ):
-            b_narrow, a_narrow = _as_float32(b), _as_float32(a)
+            b_narrow, a_narrow = converted(b, torch.float32), converted(a, torch.float32)
             a_gram = a_narrow @ a_narrow.T
             if row_grams is not None and a_narrow is a:
                 row_grams[name] = (a, a_gram)
@@ -229,16 +229,13 @@ def _detached(factor: Tensor) -> Tensor:
     return factor.detach() if factor.requires_grad else factor
 
 
-def _cast(factor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``factor.to(device, dtype)``, without the dispatched no-op where it is already there."""
-    if factor.device == device and factor.dtype == dtype:
-        return factor
-    return factor.to(device, dtype)
-
-
-def _as_float32(factor: Tensor) -> Tensor:
-    """``factor.float()``, without the dispatched no-op for a float32 factor."""
-    return factor if factor.dtype == torch.float32 else factor.float()
+def converted(tensor: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """``tensor.to(device, dtype)``, without the dispatched no-op (about 2 µs) where it is
+    already there; the validation, the norms and the decomposition's sweeps call it often."""
+    device = tensor.device if device is None else device
+    if tensor.dtype == dtype and tensor.device == device:
+        return tensor
+    return tensor.to(device, dtype)
 
 
 def _same_tensor(first: Tensor, second: Tensor) -> bool:
@@ -375,10 +372,13 @@ def _nonfinite_problem_and_magnitudes(
         for name, (b, a) in update.items()
         for label, factor in (("B", b), ("A", a))
     ]
-    # One host copy of every factor's extremes, not two per factor.
-    extremes = torch.stack(
-        [x for _, _, factor in labelled for x in torch.aminmax(_detached(factor))]
-    ).tolist()
+    # One host copy of every factor's extremes, not two per factor (per factor where the
+    # factors sit on several devices, as in a model split over GPUs).
+    pairs = [x for _, _, factor in labelled for x in torch.aminmax(_detached(factor))]
+    if len({x.device for x in pairs}) == 1:
+        extremes = torch.stack(pairs).tolist()
+    else:
+        extremes = [float(x) for x in pairs]
     magnitudes: dict[str, tuple[float, float]] = {}
     scales = []
     for position, (name, label, factor) in enumerate(labelled):
