@@ -4,17 +4,22 @@
     python benchmarks/attack_detection.py --seeds 2       # quicker
     python benchmarks/attack_detection.py --update-readme README.md
     python benchmarks/attack_detection.py --checks off_subspace,direction,norm,collusion
+    python benchmarks/attack_detection.py --seeds 10 --save-results results/synthetic
 
 Benign clients share a column subspace (two modules) with heterogeneous in-subspace
 coefficients and off-subspace estimation noise; the attackers (chosen at random per seed)
 replace their updates by each attack of ``clair_lightning.core.attacks``. Prints per attack and
 contaminated share: CLAIR's detection F1, AUROC and FPR (mean over seeds), and the benign
 clients' relative error against their noiseless truth for CLAIR and the baselines.
+``--save-results DIR`` also writes every seed's cell, per share, to
+``DIR/synthetic_<share>pct/results.json`` in ``clair compare``'s format, which
+``benchmarks/benign_vs_filing.py`` pairs with the same run under another version of the code.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -77,6 +82,27 @@ def run_cell(attack, fraction, num_clients, heterogeneity, noise, seed, aggregat
     return row
 
 
+def save_results(folder: Path, cells: list[tuple[str, float, int, dict]], aggregators) -> None:
+    """Every seed's cell as ``clair compare`` writes it, one folder per contaminated share."""
+    task = {"name": "synthetic", "metric": "error", "higher_is_better": False}
+    for fraction in sorted({fraction for _, fraction, _, _ in cells}):
+        rows = [
+            {
+                "cell": {"aggregator": name, "contamination": attack, "seed": seed},
+                "summary": {
+                    "final_benign": row[f"error_{name}"],
+                    **{key: row[key] if name == "clair" else None for key in ("f1", "fpr")},
+                },
+            }
+            for attack, share, seed, row in cells
+            if share == fraction
+            for name in aggregators
+        ]
+        target = folder / f"synthetic_{round(100 * fraction)}pct"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "results.json").write_text(json.dumps({"task": task, "cells": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
@@ -92,6 +118,13 @@ def main() -> None:
         "--checks", default=None, help="CLAIR's checks, comma-separated or 'all' (default: its own)"
     )
     parser.add_argument("--update-readme", type=Path, default=None, metavar="README")
+    parser.add_argument(
+        "--save-results",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write every seed's cell to DIR/synthetic_<share>pct/results.json",
+    )
     args = parser.parse_args()
     checks = (
         None
@@ -110,6 +143,7 @@ def main() -> None:
     header = ["attack", "share", "F1", "AUROC", "FPR", *[f"err {a}" for a in aggregators]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print(*lines, sep="\n")
+    seed_cells = []
     for attack in args.attacks.split(","):
         for fraction in (float(f) for f in args.fractions.split(",")):
             rows = [
@@ -125,6 +159,7 @@ def main() -> None:
                 )
                 for seed in range(args.seeds)
             ]
+            seed_cells += [(attack, fraction, seed, row) for seed, row in enumerate(rows)]
             means = {
                 key: statistics.mean(r[key] for r in rows if r[key] is not None) for key in rows[0]
             }
@@ -138,6 +173,8 @@ def main() -> None:
             print(lines[-1], flush=True)
     if args.update_readme:
         update_readme(args.update_readme, "attack-detection", "\n".join(lines) + "\n")
+    if args.save_results:
+        save_results(args.save_results, seed_cells, aggregators)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ and the old code trains the same benign updates):
                 --seeds 0,1,2 --no-wandb --output results/benign_vs_filing/$version/$stem
         done
     done
+    # the synthetic federations of benchmarks/attack_detection.py (issue 11's own setting)
+    for version in filing now; do
+        tree=$([ $version = filing ] && echo ../filing || echo .)
+        OMP_NUM_THREADS=1 PYTHONPATH=$tree python benchmarks/attack_detection.py --seeds 10 \\
+            --baselines '' --save-results results/benign_vs_filing/$version
+    done
     python benchmarks/benign_vs_filing.py results/benign_vs_filing/{filing,now} \\
         --update-readme README.md
 
@@ -38,7 +44,9 @@ The attacks are the README's per-attack list; the configs are today's for both r
 accepts them unchanged). Every subfolder present in both roots with a ``results.json`` gives a
 table. A difference is called worse (or better) when the mean of the
 per-seed paired differences exceeds twice its standard error, else "within noise"; "same" when
-every seed's difference is float rounding (at most 1e-6).
+every seed's difference is float rounding (at most 1e-6). The last column counts the seeds
+where today's figure is the reference scenario's (``nonfinite`` where it ran, else
+``gaussian``): what the benign clients get when every attacker's upload is left out.
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ AGGREGATOR = "clair"
 # Differences this small are float rounding of the two code paths (exact match moves in steps of
 # 1/512 on the text-copy recipe), not a change of the result.
 ROUNDING = 1e-6
+# Scenarios whose attackers are all left out of the refinement (uploads dropped at validation,
+# or every attacker flagged in every round): the first present is each table's reference.
+REFERENCES = ("nonfinite", "gaussian")
 
 
 def load_cells(folder: Path) -> tuple[dict, dict[tuple[str, int], dict]]:
@@ -111,14 +122,16 @@ def table(name: str, filing_folder: Path, now_folder: Path) -> str:
     scenarios = list(dict.fromkeys(s for s, _ in sorted(common, key=lambda key: key[0] != "none")))
     metric = task["metric"]
     seeds = sorted({seed for _, seed in common})
+    reference = next((s for s in REFERENCES if s in scenarios), None)
     lines = [
         f"**{name}**: benign {metric} "
         f"({'higher' if task['higher_is_better'] else 'lower'} is better), "
         f"mean ± std over seeds {', '.join(map(str, seeds))}",
         "",
         f"| scenario | filing {metric} | now {metric} | now worse by (paired ± s.e.) "
-        "| seeds worse | verdict | F1 filing → now | FPR filing → now |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seeds worse | verdict | F1 filing → now | FPR filing → now "
+        f"| seeds now at {f'`{reference}`' if reference else 'a reference'}'s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario in scenarios:
         keys = [key for key in common if key[0] == scenario]
@@ -127,10 +140,17 @@ def table(name: str, filing_folder: Path, now_folder: Path) -> str:
         paired = paired_verdict(old, new, task["higher_is_better"])
         f1 = f"{_mean([filing[k]['f1'] for k in keys])} → {_mean([now[k]['f1'] for k in keys])}"
         fpr = f"{_mean([filing[k]['fpr'] for k in keys])} → {_mean([now[k]['fpr'] for k in keys])}"
+        at_reference = "–"
+        if reference is not None:
+            pairs = [(now[k], now.get((reference, k[1]))) for k in keys]
+            known = [(a, b) for a, b in pairs if b is not None]
+            matching = sum(abs(a["final_benign"] - b["final_benign"]) <= ROUNDING for a, b in known)
+            at_reference = f"{matching}/{len(known)}"
         lines.append(
             f"| {scenario} | {_spread(old)} | {_spread(new)} | "
             f"{paired['mean_worse']:+.4f} ± {paired['standard_error']:.4f} | "
-            f"{paired['seeds_worse']}/{len(keys)} | {paired['verdict']} | {f1} | {fpr} |"
+            f"{paired['seeds_worse']}/{len(keys)} | {paired['verdict']} | {f1} | {fpr} "
+            f"| {at_reference} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -55,3 +55,37 @@ def test_tables_pair_cells_by_scenario_and_seed(tmp_path, capsys):
     assert none.startswith("| none |") and "| same |" in none
     assert gaussian.startswith("| gaussian | 0.3100 ± 0.0141 | 0.2100 ± 0.0141 | -0.1000 ± 0.0000")
     assert "| 0/2 | better |" in gaussian
+
+
+def test_the_last_column_counts_seeds_at_the_reference_scenario(tmp_path, capsys):
+    filing = {("gaussian", 0): 0.30, ("gaussian", 1): 0.30, ("rank1", 0): 0.20, ("rank1", 1): 0.2}
+    now = {("gaussian", 0): 0.31, ("gaussian", 1): 0.33, ("rank1", 0): 0.31, ("rank1", 1): 0.25}
+    _folder(tmp_path / "filing", "recipe_40pct", False, filing)
+    _folder(tmp_path / "now", "recipe_40pct", False, now)
+    assert benign_vs_filing.main([str(tmp_path / "filing"), str(tmp_path / "now")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].endswith("| seeds now at `gaussian`'s |")
+    assert lines[4].startswith("| gaussian |") and lines[4].endswith("| 2/2 |")
+    assert lines[5].startswith("| rank1 |")
+    assert lines[5].endswith("| worse | 1.000 → 1.000 | 0.000 → 0.000 | 1/2 |")
+
+
+def test_attack_detection_saves_cells_that_benign_vs_filing_pairs(tmp_path, capsys, monkeypatch):
+    """The synthetic federations' per-seed cells, in the compare format, read back and paired."""
+    script = SCRIPT.parent / "attack_detection.py"
+    spec = importlib.util.spec_from_file_location("attack_detection", script)
+    attack_detection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attack_detection)
+    for version in ("filing", "now"):
+        argv = ["attack_detection.py", "--seeds", "2", "--attacks", "gaussian,sign_flip"]
+        argv += ["--baselines", "", "--save-results", str(tmp_path / version)]
+        monkeypatch.setattr("sys.argv", argv)
+        attack_detection.main()
+    saved = json.loads((tmp_path / "now" / "synthetic_20pct" / "results.json").read_text())
+    assert saved["task"]["higher_is_better"] is False and len(saved["cells"]) == 4
+    assert {c["cell"]["seed"] for c in saved["cells"]} == {0, 1}
+    capsys.readouterr()
+    assert benign_vs_filing.main([str(tmp_path / "filing"), str(tmp_path / "now")]) == 0
+    printed = capsys.readouterr().out
+    assert "**synthetic_20pct**" in printed and "**synthetic_40pct**" in printed
+    assert "| gaussian |" in printed and "| same | 1.000 → 1.000 | 0.000 → 0.000 | 2/2 |" in printed
