@@ -3,6 +3,7 @@
     python benchmarks/clair_speed.py            # both comparisons, prints a table
     python benchmarks/clair_speed.py --no-naive # only the comparisons with one SVD
     python benchmarks/clair_speed.py --quick    # smaller sizes, for a smoke check
+    python benchmarks/clair_speed.py --no-naive --modules 8  # one call over 8 modules
 
 1. At d_out = d_in = 4096, r = 16, one module, float32, K = 64 and K = 16: one
    ``clair_aggregate`` call against one ``torch.linalg.svd`` of the compressed 4096 x Kr
@@ -65,18 +66,24 @@ def timed(function, repeats):
     return seconds, result
 
 
-def against_svd(d, num_clients, rank, repeats):
-    updates = contaminated_federation(num_clients, d, rank, 0.2)
+def against_svd(d, num_clients, rank, repeats, num_modules=1):
+    updates = contaminated_federation(num_clients, d, rank, 0.2, num_modules=num_modules)
     validated = validate_updates(updates)
-    module = compress_module(validated, "layers.0.proj", validated.included)
-    stacked = module.stacked.contiguous()
-    core = stacking_core(module).matrix
+    modules = [compress_module(validated, name, validated.included) for name in updates[0]]
+    stackings = [module.stacked.contiguous() for module in modules]
+    stacked = stackings[0]
+    core = stacking_core(modules[0]).matrix
     clair_aggregate(updates)  # warm-up (allocator, thread pool)
     torch.linalg.svd(stacked, full_matrices=False)
+
+    def every_svd():
+        for stacking in stackings:
+            torch.linalg.svd(stacking, full_matrices=False)
+
     svd_seconds, clair_seconds, materialise_seconds, steps = [], [], [], []
     for _ in range(repeats):
         time.sleep(PAUSE)
-        svd_seconds += timed(lambda: torch.linalg.svd(stacked, full_matrices=False), 1)[0]
+        svd_seconds += timed(every_svd, 1)[0]
         time.sleep(PAUSE)
         seconds, result = timed(lambda: clair_aggregate(updates), 1)
         clair_seconds += seconds
@@ -90,11 +97,13 @@ def against_svd(d, num_clients, rank, repeats):
     median_run = clair_seconds.index(sorted(clair_seconds)[len(clair_seconds) // 2])
     step_text = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in steps[median_run].items())
     print(
-        f"\n[1] d_out = d_in = {d}, K = {num_clients}, r = {rank}, float32, one module, "
+        f"\n[1] d_out = d_in = {d}, K = {num_clients}, r = {rank}, float32, "
+        f"{'one module' if num_modules == 1 else f'{num_modules} modules'}, "
         f"{torch.get_num_threads()} threads, {repeats} repeats"
     )
+    each = "" if num_modules == 1 else f" (x {num_modules}, one per module)"
     print(
-        f"    torch.linalg.svd of the {stacked.shape[0]} x {stacked.shape[1]} stacking: "
+        f"    torch.linalg.svd of the {stacked.shape[0]} x {stacked.shape[1]} stacking{each}: "
         f"median {svd * 1e3:6.1f} CPU ms, best {min(svd_seconds) * 1e3:6.1f} CPU ms"
     )
     print(
@@ -104,7 +113,7 @@ def against_svd(d, num_clients, rank, repeats):
     )
     print(
         f"    one full SVD of the {core.shape[0]} x {core.shape[1]} core (median): "
-        f"{core_svd * 1e3:6.1f} CPU ms = {core_svd / svd:.2f} of the stacking's"
+        f"{core_svd * 1e3:6.1f} CPU ms = {core_svd * num_modules / svd:.2f} of one stacking's"
     )
     print(
         f"    + every client's refined update at rank {rank} (refined.at_rank): median "
@@ -154,14 +163,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-naive", action="store_true", help="skip the dense comparison")
+    parser.add_argument("--modules", type=int, default=1, help="modules per client (default 1)")
     args = parser.parse_args()
+    if args.modules < 1:
+        parser.error(f"--modules must be at least 1, got {args.modules}")
     torch.manual_seed(0)
     if args.quick:
         against_svd(1024, 32, 8, 3)
         against_naive(256, 8, 4, 3)
     else:
-        against_svd(4096, 64, 16, args.repeats)
-        against_svd(4096, 16, 16, args.repeats)
+        against_svd(4096, 64, 16, args.repeats, args.modules)
+        against_svd(4096, 16, 16, args.repeats, args.modules)
         if not args.no_naive:
             against_naive(1024, 16, 8, args.repeats)
 
