@@ -19,7 +19,6 @@ clients' relative error against their noiseless truth for CLAIR and the baseline
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from clair_lightning.compare.report import update_readme
 from clair_lightning.core import ATTACKS, aggregate, contaminate
 from clair_lightning.core.clair import CHECKS
 from clair_lightning.core.synthetic import synthetic_federation
+from clair_lightning.jsonio import write_json
 from clair_lightning.metrics import detection_metrics
 
 BASELINES = ("local", "fedavg", "median", "multikrum", "oracle")
@@ -100,7 +100,7 @@ def save_results(folder: Path, cells: list[tuple[str, float, int, dict]], aggreg
         ]
         target = folder / f"synthetic_{round(100 * fraction)}pct"
         target.mkdir(parents=True, exist_ok=True)
-        (target / "results.json").write_text(json.dumps({"task": task, "cells": rows}, indent=1))
+        write_json(target / "results.json", {"task": task, "cells": rows})
 
 
 def main() -> None:

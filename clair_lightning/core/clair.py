@@ -153,8 +153,13 @@ def clair_aggregate(
             "typical_floor": typical_floor,
             "excursion_floor": excursion_floor,
         },
-        {"max_iterations": max_iterations, "max_subspace_rank": max_subspace_rank, "seed": seed},
     )
+    if not tolerance < 1:
+        raise ValueError(f"tolerance must be below 1, got {tolerance!r}")
+    _check_int("max_iterations", max_iterations, minimum=1)
+    if max_subspace_rank is not None:
+        _check_int("max_subspace_rank", max_subspace_rank, minimum=1)
+    _check_int("seed", seed)
     timer = _StepTimer()
     validated = validate_updates(updates, weights, nonfinite=nonfinite)
     if validated.unmoved:
@@ -349,16 +354,10 @@ def _unmoved_result(validated: ValidatedUpdates) -> AggregationResult:
     )
 
 
-def _check_options(
-    checks: Sequence[str],
-    flagged_policy: str,
-    positive: dict[str, object],
-    integers: dict[str, object],
-) -> None:
+def _check_options(checks: Sequence[str], flagged_policy: str, positive: dict[str, object]) -> None:
     """Refuse option values that would silently break the statistics (a NaN threshold, a
     negative floor, a string) with one line naming the option; ``positive`` must be finite
-    numbers above zero (``tolerance`` also below 1), ``integers`` ints (``max_subspace_rank``
-    may be ``None``; it and ``max_iterations`` at least 1)."""
+    numbers above zero."""
     unknown = sorted(set(checks) - set(CHECKS))
     if isinstance(checks, str) or unknown or not checks:
         raise ValueError(f"checks must be a non-empty subset of {CHECKS}, got {checks!r}")
@@ -368,15 +367,13 @@ def _check_options(
         number = isinstance(value, numbers.Real) and not isinstance(value, bool)
         if not (number and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not positive["tolerance"] < 1:
-        raise ValueError(f"tolerance must be below 1, got {positive['tolerance']!r}")
-    for name, value in integers.items():
-        if value is None and name == "max_subspace_rank":
-            continue
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-        if name != "seed" and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _check_int(name: str, value: object, minimum: int | None = None) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
 class _SubspaceEstimator:
