@@ -1,24 +1,25 @@
-"""What one K = 16 ``clair_aggregate`` call spends its time on: kernels against everything else.
+"""What one small-K ``clair_aggregate`` call spends its time on: kernels against everything else.
 
-    OMP_NUM_THREADS=1 python benchmarks/small_core_floor.py            # d = 4096, K = 16, r = 16
-    OMP_NUM_THREADS=1 python benchmarks/small_core_floor.py --clients 8
+    OMP_NUM_THREADS=1 python benchmarks/small_core_floor.py               # d = 4096, K = 16, r = 16
+    OMP_NUM_THREADS=1 python benchmarks/small_core_floor.py --clients 64  # K = 64 (5 repeats ok)
 
 At d_out = d_in = 4096, K = 16, r = 16 (float32, one module, the shape of `clair_speed.py`'s
 K = 16 row), in one run:
 
 1. one ``torch.linalg.svd`` of the compressed 4096 x 256 stacking and one ``clair_aggregate``
    call, interleaved with pauses as in ``clair_speed.py`` (CPU seconds, medians);
-2. every ATen operation of one call, recorded with its arguments (``TorchDispatchMode``): how
-   many there are, and the BLAS/LAPACK ones (GEMMs, QR, eigh, Cholesky, triangular solves,
-   SVD) replayed one by one on their recorded arguments, each in a warm loop; plus the two
-   Gram matrices the call forms in numpy (``symmetric_gram`` of the 256 x 4096 stackings).
-   Their sum is the call's kernel floor: what it would cost if nothing but its dense linear
-   algebra ran, with warm caches;
-3. the rest of the call (call − floor) per ATen operation, next to the cost of one trivial
-   operation (a 25-element ``mul``) measured here.
+2. every ATen operation of one call, recorded with a copy of its arguments
+   (``TorchDispatchMode``), then replayed one by one, each in a warm loop; the BLAS/LAPACK ones
+   (GEMMs, QR, eigh, Cholesky, triangular solves, SVD) are listed by kind, with the two Gram
+   matrices the call forms in numpy (``symmetric_gram`` of the 256 x 4096 stackings). The
+   kernels' sum is the call's kernel floor: what it would cost if nothing but its dense linear
+   algebra ran, with warm caches; the sum over every operation is what it would cost with
+   nothing between the operations;
+3. the rest of the call (call − floor), per ATen operation, next to the cost of one trivial
+   operation (a 25-element ``mul``) measured here, and the call minus every operation: the
+   Python between them and their running on colder caches than in the replay.
 
-The floor is a lower bound for any implementation of the same steps (compiled or not); the
-rest is the price of issuing a few thousand small operations from Python.
+The floor is a lower bound for any implementation of the same steps (compiled or not).
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ _KERNELS = {
 
 
 class _Recorder(TorchDispatchMode):
-    """Counts every ATen operation and keeps a copy of each kernel's arguments."""
+    """Keeps every ATen operation with a copy of its arguments, and which ones are kernels."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
         self.operations: list[tuple[object, tuple, dict]] = []
-        self.kernels: list[int] = []
+        self.kernels: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -71,7 +72,7 @@ class _Recorder(TorchDispatchMode):
         copied_kwargs = {k: _copied(v) for k, v in kwargs.items()}
         self.operations.append((func, copied, copied_kwargs))
         if name in _KERNELS:
-            self.kernels.append(len(self.operations) - 1)
+            self.kernels.add(len(self.operations) - 1)
         return func(*args, **kwargs)
 
 
