@@ -38,7 +38,7 @@ from clair_lightning.core.compression import compress_module, symmetric_gram
 from clair_lightning.core.updates import validate_updates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clair_speed import contaminated_federation  # noqa: E402
+from clair_speed import contaminated_federation, timed  # noqa: E402
 
 PAUSE = 0.5
 _KERNELS = {
@@ -84,12 +84,10 @@ def _copied(value):
     return value
 
 
-def _cpu_seconds(function, repeats: int) -> float:
+def _warm_cpu_seconds(function, repeats: int) -> float:
+    """Mean CPU seconds of ``function`` over ``repeats`` calls after one warm-up call."""
     function()
-    start = time.process_time()
-    for _ in range(repeats):
-        function()
-    return (time.process_time() - start) / repeats
+    return statistics.mean(timed(function, repeats)[0])
 
 
 def main() -> None:
@@ -111,13 +109,9 @@ def main() -> None:
     svd_seconds, call_seconds = [], []
     for _ in range(args.repeats):
         time.sleep(PAUSE)
-        start = time.process_time()
-        torch.linalg.svd(stacked, full_matrices=False)
-        svd_seconds.append(time.process_time() - start)
+        svd_seconds += timed(lambda: torch.linalg.svd(stacked, full_matrices=False), 1)[0]
         time.sleep(PAUSE)
-        start = time.process_time()
-        clair_aggregate(updates)
-        call_seconds.append(time.process_time() - start)
+        call_seconds += timed(lambda: clair_aggregate(updates), 1)[0]
     svd, call = statistics.median(svd_seconds), statistics.median(call_seconds)
 
     recorder = _Recorder()
@@ -126,16 +120,16 @@ def main() -> None:
     by_kind: dict[str, list[float]] = {}
     replayed = []
     for index, (func, op_args, op_kwargs) in enumerate(recorder.operations):
-        seconds = _cpu_seconds(lambda f=func, a=op_args, k=op_kwargs: f(*a, **k), 20)
+        seconds = _warm_cpu_seconds(lambda f=func, a=op_args, k=op_kwargs: f(*a, **k), 20)
         replayed.append(seconds)
         if index in recorder.kernels:
             by_kind.setdefault(func.overloadpacket.__name__, []).append(seconds)
     rows = torch.randn(stacked.shape[1], args.d)
-    gram = _cpu_seconds(lambda: symmetric_gram(rows), 10)
+    gram = _warm_cpu_seconds(lambda: symmetric_gram(rows), 10)
     kernels = sum(sum(times) for times in by_kind.values()) + 2 * gram
     operations = sum(replayed) + 2 * gram
     trivial = torch.randn(25)
-    trivial_op = _cpu_seconds(lambda: torch.mul(trivial, 2.0), 2000)
+    trivial_op = _warm_cpu_seconds(lambda: torch.mul(trivial, 2.0), 2000)
     rest = call - kernels
 
     print(
